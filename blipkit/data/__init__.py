@@ -1,0 +1,1 @@
+"""Data: dataset formats glue, image loading, collation."""

@@ -1,0 +1,155 @@
+"""The contract every plugin fulfils: Encoder, Bridge and LanguageModel.
+
+The data path runs one way::
+
+    image --Encoder--> tokens [B, N, D_enc] --Bridge--> queries [B, Q, H]
+          --projection (a Bridge too)--> prefix [B, Q, D_llm] --LanguageModel--> loss | text
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+__all__ = ["BridgeOutput", "Bridge", "Encoder", "LMBatch", "LanguageModel"]
+
+
+class Encoder(nn.Module, abc.ABC):
+    """A frozen image encoder that returns patch tokens from its penultimate block.
+
+    Subclasses set ``feature_dim`` (D), ``num_tokens`` (N), ``image_size`` (square input side) and
+    ``token_layout`` (a short human description of which tokens ``forward`` returns, e.g.
+    ``"1 CLS + 196 patches (14x14)"``), and ``patch_grid`` (rows, cols) of the patch tokens when they
+    form a grid, used to draw attention maps; ``num_prefix_tokens`` says how many non-patch tokens
+    (CLS, registers) come before the grid.
+    """
+
+    feature_dim: int
+    num_tokens: int
+    image_size: int
+    token_layout: str = ""
+    patch_grid: tuple[int, int] | None = None
+    num_prefix_tokens: int = 0
+
+    @abc.abstractmethod
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Map ``pixel_values`` [B, 3, S, S] to patch tokens [B, N, D] (penultimate block, no final norm)."""
+
+    @abc.abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """Turn one PIL image of any mode into the model's input tensor [3, S, S]."""
+
+    @property
+    @abc.abstractmethod
+    def cache_key(self) -> str:
+        """A string that changes whenever the features for the same image would change."""
+
+
+@dataclass
+class BridgeOutput:
+    """What a bridge returns: query outputs plus optional auxiliary loss, attention maps and stats."""
+
+    queries: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Bridge(nn.Module, abc.ABC):
+    """A trainable module from token sequences [B, N, D_in] to [B, Q, output_dim].
+
+    Serves in two slots: as the bridge over encoder tokens, and as the projection from bridge outputs
+    into the LLM's embedding space. ``config`` holds the constructor keyword arguments, so that
+    ``save_pretrained`` / ``from_pretrained`` round-trip any bridge exactly.
+    """
+
+    output_dim: int
+    num_queries: int | None
+    config: dict[str, Any]
+    supports_stage1: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> BridgeOutput:
+        """Map tokens [B, N, D_in] (mask [B, N], 1 = keep) to a BridgeOutput with queries [B, Q, H]."""
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into the directory ``path``."""
+        from blipkit.io import atomic_write_json, save_safetensors
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path / "config.json", {"class": type(self).__qualname__, **self.config})
+        save_safetensors(self.state_dict(), path / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Bridge:
+        """Rebuild a bridge saved by ``save_pretrained``."""
+        from blipkit.io import load_safetensors
+
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        config.pop("class", None)
+        model = cls(**config)
+        model.load_state_dict(load_safetensors(path / "model.safetensors"), strict=True)
+        return model
+
+
+@dataclass
+class LMBatch:
+    """Tokenised text for a language model, without the visual prefix.
+
+    Decoder-only: ``input_ids`` = [prompt][target][eos] right-padded, ``labels`` aligned with it and
+    -100 on prompt and padding. Encoder-decoder: ``input_ids`` = the encoder's prompt, ``labels`` the
+    decoder's target (+eos), -100 on padding.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    decoder_attention_mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> LMBatch:
+        """Move every tensor to ``device``."""
+        return LMBatch(
+            **{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        )
+
+
+class LanguageModel(nn.Module, abc.ABC):
+    """A frozen language model that takes a visual prefix of soft prompts."""
+
+    hidden_size: int
+    is_encoder_decoder: bool
+    tokenizer: Any
+
+    @abc.abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] to input embeddings [B, T, hidden_size]."""
+
+    @abc.abstractmethod
+    def tokenize(self, prompts: list[str], targets: list[str], prefix_lm: bool = False) -> LMBatch:
+        """Tokenise prompt/target pairs for ``loss``; EOS is appended to every target.
+
+        ``prefix_lm`` (encoder-decoder only): for captions with an empty prompt, split each target at a
+        random word and move its first part into the encoder (BLIP-2's prefix-LM objective).
+        """
+
+    @abc.abstractmethod
+    def loss(self, prefix_embeds: torch.Tensor, batch: LMBatch) -> torch.Tensor:
+        """Mean token cross-entropy on the targets, with ``prefix_embeds`` [B, Q, hidden] first."""
+
+    @abc.abstractmethod
+    def generate(self, prefix_embeds: torch.Tensor, prompts: list[str], **generation: Any) -> list[str]:
+        """Generate text after [prefix][prompt] through transformers' generate with max_new_tokens."""

@@ -1,0 +1,82 @@
+"""Safe, atomic file I/O: only safetensors and JSON are ever read from user paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from blipkit.errors import DataError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, with a one-line error naming the file when it is missing or malformed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}); fix or regenerate the file") from None
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save tensors atomically; shared storage is cloned so that safetensors accepts it."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        value = value.detach().cpu().contiguous()
+        if value.numel() and value.data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.data_ptr())
+        tensors[key] = value
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, with a one-line error when it is missing or corrupt."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as err:
+        raise DataError(f"{path} is not a readable safetensors file ({err}); re-save it") from None

@@ -1,0 +1,1 @@
+"""Built-in bridge and projection plugins."""

@@ -1,0 +1,1 @@
+"""Recipes shipped with blipkit (YAML package data)."""
