@@ -72,12 +72,43 @@ def _print_entries(attr: str, as_json: bool) -> None:
     Console(soft_wrap=False).print(table)
 
 
+def _describe(attr: str, name: str, load: bool, as_json: bool) -> None:
+    from blipkit.plugin_manager import registries
+
+    resolved = registries().by_name(attr).resolve(name)
+    info = resolved.entry.to_dict()
+    info["requested"] = name
+    if load:
+        obj = resolved.create()
+        info["loaded"] = {
+            key: getattr(obj, key)
+            for key in ("feature_dim", "num_tokens", "image_size", "token_layout", "hidden_size",
+                        "is_encoder_decoder", "output_dim", "num_queries")
+            if isinstance(getattr(obj, key, None), (int, str, bool))
+        }
+        if hasattr(obj, "parameters"):
+            info["loaded"]["parameters"] = sum(p.numel() for p in obj.parameters())
+    if as_json:
+        _print_json(info)
+        return
+    for key, value in info.items():
+        click.echo(f"{key}: {value}")
+
+
 def _listing_command(attr: str, what: str) -> click.Command:
-    @click.command(name=attr, help=f"List the {what} that plugins registered.\n\n"
-                   "'offline' says whether it loads on this machine without a model hub.")
+    @click.command(name=attr, help=f"List the {what} that plugins registered, or describe NAME.\n\n"
+                   "'offline' says whether it loads on this machine without a model hub. With NAME and "
+                   "--load, build it here and print its sizes: a quick check that it works on this machine.")
+    @click.argument("name", required=False)
+    @click.option("--load", is_flag=True, help="With NAME: build the model (downloads where a hub is reachable).")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-    def command(as_json: bool) -> None:
-        _print_entries(attr, as_json)
+    def command(name: str | None, load: bool, as_json: bool) -> None:
+        if name is None:
+            if load:
+                raise click.UsageError("--load needs a NAME")
+            _print_entries(attr, as_json)
+        else:
+            _describe(attr, name, load, as_json)
 
     return command
 
@@ -111,7 +142,7 @@ def plugins(as_json: bool) -> None:
     for item in report:
         registered = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in item["registered"].items())
         status = f"[red]failed: {item['error']}[/red]" if item["error"] else "ok"
-        table.add_row(item["name"], item["version"] or "-", registered or "-", status)
+        table.add_row(item["name"].removeprefix("blipkit.plugins."), item["version"] or "-", registered or "-", status)
     Console(soft_wrap=False).print(table)
 
 

@@ -21,8 +21,7 @@ class UnknownNameError(BlipkitError, KeyError):
         known = sorted(known)
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         message = f"unknown {kind} '{name}'"
-        if close:
-            message += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        message += f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
         message += f" {hint or f'List them with: blipkit {kind}s'}"
         super().__init__(message)
         self.name = name

@@ -1,0 +1,168 @@
+"""The plugin manager: built-ins, entry-point discovery, allow/deny lists, duplicates, broken plugins."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from blipkit import plugin_manager
+from blipkit.errors import DuplicateNameError
+
+ENCODER_PLUGIN = dedent(
+    """
+    from blipkit import hookimpl
+
+    def make(size=4):
+        return ("{name}", size)
+
+    @hookimpl
+    def register_encoders(register):
+        register("{name}", make, aliases=["{name}-alias"], description="test encoder", kind="test")
+    """
+)
+
+
+def install_fake_plugin(root: Path, dist: str, module: str, source: str, version: str = "1.2.3") -> None:
+    """Write a module and a dist-info with a ``blipkit`` entry point, as pip would install it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[blipkit]\n{module} = {module}\n")
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def test_builtin_plugins_all_load() -> None:
+    assert plugin_manager.failed_plugins() == {}
+    report = {item["name"]: item for item in plugin_manager.plugin_report()}
+    for module in plugin_manager.DEFAULT_PLUGINS:
+        assert report[module]["builtin"]
+        assert report[module]["registered"], f"{module} registered nothing"
+
+
+def test_entry_point_plugin_is_discovered(site: Path) -> None:
+    install_fake_plugin(site, "blipkit-fake", "blipkit_fake", ENCODER_PLUGIN.format(name="fake-enc"))
+    regs = plugin_manager.registries()
+    assert regs.encoders.create("fake-enc", size=7) == ("fake-enc", 7)
+    assert regs.encoders.resolve("fake-enc-alias").entry.name == "fake-enc"
+    item = next(i for i in plugin_manager.plugin_report() if i["name"] == "blipkit_fake")
+    assert item["version"] == "1.2.3"
+    assert item["registered"] == {"encoders": ["fake-enc"]}
+    assert item["hooks"] == ["register_encoders"]
+    assert not item["builtin"]
+
+
+@pytest.mark.parametrize(
+    ("load", "disable", "loaded"),
+    [
+        (None, None, True),
+        ("", None, False),
+        ("something-else", None, False),
+        ("blipkit-fake", None, True),
+        ("blipkit_fake", None, True),
+        (None, "blipkit_fake", False),
+        ("blipkit-fake", "blipkit-fake", False),
+    ],
+)
+def test_allow_and_deny_lists(
+    site: Path, monkeypatch: pytest.MonkeyPatch, load: str | None, disable: str | None, loaded: bool
+) -> None:
+    install_fake_plugin(site, "blipkit-fake", "blipkit_fake", ENCODER_PLUGIN.format(name="fake-enc"))
+    if load is not None:
+        monkeypatch.setenv("BLIPKIT_LOAD_PLUGINS", load)
+    if disable is not None:
+        monkeypatch.setenv("BLIPKIT_DISABLE_PLUGINS", disable)
+    assert ("fake-enc" in plugin_manager.registries().encoders) is loaded
+
+
+def test_load_list_does_not_drop_builtins(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install_fake_plugin(site, "blipkit-fake", "blipkit_fake", ENCODER_PLUGIN.format(name="fake-enc"))
+    monkeypatch.setenv("BLIPKIT_LOAD_PLUGINS", "")
+    assert "tiny-vit" in plugin_manager.registries().encoders
+
+
+def test_disable_a_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLIPKIT_DISABLE_PLUGINS", "tiny_vit")
+    assert "tiny-vit" not in plugin_manager.registries().encoders
+    assert "siglip" in plugin_manager.registries().encoders
+
+
+def test_duplicate_names_name_both_plugins(site: Path) -> None:
+    install_fake_plugin(site, "blipkit-one", "blipkit_one", ENCODER_PLUGIN.format(name="same"))
+    install_fake_plugin(site, "blipkit-two", "blipkit_two", ENCODER_PLUGIN.format(name="same"))
+    with pytest.raises(DuplicateNameError) as info:
+        plugin_manager.registries()
+    message = str(info.value)
+    assert "blipkit_one" in message and "blipkit_two" in message and "'same'" in message
+
+
+def test_duplicate_of_a_builtin_alias(site: Path) -> None:
+    install_fake_plugin(site, "blipkit-one", "blipkit_one", ENCODER_PLUGIN.format(name="tiny-vit"))
+    with pytest.raises(DuplicateNameError, match="blipkit.plugins.encoders.tiny_vit"):
+        plugin_manager.registries()
+
+
+def test_broken_plugin_is_reported_and_others_work(site: Path) -> None:
+    install_fake_plugin(site, "blipkit-broken", "blipkit_broken", "raise RuntimeError('boom at import')\n")
+    install_fake_plugin(site, "blipkit-fake", "blipkit_fake", ENCODER_PLUGIN.format(name="fake-enc"))
+    assert "fake-enc" in plugin_manager.registries().encoders
+    failed = plugin_manager.failed_plugins()
+    assert failed["blipkit_broken"] == "RuntimeError: boom at import"
+    assert "blipkit_fake" not in failed
+    item = next(i for i in plugin_manager.plugin_report() if i["name"] == "blipkit_broken")
+    assert item["error"] == "RuntimeError: boom at import"
+
+
+def test_plugin_that_raises_while_registering(site: Path) -> None:
+    source = dedent(
+        """
+        from blipkit import hookimpl
+
+        @hookimpl
+        def register_encoders(register):
+            raise ValueError("bad registration")
+        """
+    )
+    install_fake_plugin(site, "blipkit-bad", "blipkit_bad", source)
+    assert "tiny-vit" in plugin_manager.registries().encoders
+    assert "bad registration" in plugin_manager.failed_plugins()["blipkit_bad"]
+
+
+@pytest.mark.slow
+def test_example_plugin_installs_and_is_listed(tmp_path: Path) -> None:
+    """The example package under examples/ installs with pip and shows up through its real entry point."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "blipkit-example-encoder"
+    target = tmp_path / "target"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(example)],
+        check=True,
+        capture_output=True,
+    )
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "blipkit", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
+    )
+    report = {item["name"]: item for item in json.loads(listed.stdout)}
+    assert report["example_encoder"]["version"] == "0.1.0"
+    assert report["example_encoder"]["registered"] == {"encoders": ["patch-mean"]}
+    loaded = subprocess.run(
+        [sys.executable, "-m", "blipkit", "encoders", "pm", "--load", "--json"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    info = json.loads(loaded.stdout)
+    assert info["name"] == "patch-mean"
+    assert info["loaded"]["num_tokens"] == 64 and info["loaded"]["feature_dim"] == 32
