@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -117,6 +118,7 @@ cli.add_command(_listing_command("encoders", "image encoders"))
 cli.add_command(_listing_command("llms", "language models"))
 cli.add_command(_listing_command("bridges", "bridges and projections"))
 cli.add_command(_listing_command("datasets", "dataset formats"))
+cli.add_command(_listing_command("recipes", "training recipes"))
 
 
 @cli.command()
@@ -144,6 +146,119 @@ def plugins(as_json: bool) -> None:
         status = f"[red]failed: {item['error']}[/red]" if item["error"] else "ok"
         table.add_row(item["name"].removeprefix("blipkit.plugins."), item["version"] or "-", registered or "-", status)
     Console(soft_wrap=False).print(table)
+
+
+def _split_recipe_args(args: tuple[str, ...]) -> tuple[str, list[str]]:
+    if args and "=" not in args[0] and not args[0].startswith("~"):
+        return args[0], list(args[1:])
+    return "default", list(args)
+
+
+@cli.command(context_settings={"max_content_width": 100})
+@click.argument("args", nargs=-1, metavar="[RECIPE] [KEY=VALUE | ~KEY]...")
+@click.option("--encoder", help="Image encoder name (sugar for encoder.name=...).")
+@click.option("--llm", help="Language model name (sugar for llm.name=...).")
+@click.option("--bridge", help="Bridge name: qformer, moe, mlp (sugar for bridge.name=...).")
+@click.option("--data", help="Training data: a dataset name, prefix:source or path (sugar for data.train.name=...).")
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Run directory (default: the recipe's output).")
+@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False),
+              help="Continue the run in this directory from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
+@click.option("--stop-after", type=click.IntRange(min=1), help="Stop after this many optimizer steps (resume later).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def train(
+    args: tuple[str, ...],
+    encoder: str | None,
+    llm: str | None,
+    bridge: str | None,
+    data: str | None,
+    output: str | None,
+    resume_dir: str | None,
+    overwrite: bool,
+    stop_after: int | None,
+    quiet: bool,
+) -> None:
+    """Train a bridge between a frozen encoder and a frozen LLM: stage 1, then stage 2.
+
+    \b
+    RECIPE is a shipped recipe name (blipkit recipes ls) or a YAML file; with none, the offline
+    'default' demo runs. Overrides set or remove recipe keys:
+      blipkit train                                   the offline demo
+      blipkit train tiny                              a smoke run in seconds
+      blipkit train --encoder siglip --llm llama-3.2-1b --data captions.json
+      blipkit train blip2 stage1.steps=1000 data.batch_size=32
+      blipkit train blip2 ~stage1                     stage 2 only
+      blipkit train --resume runs/default             continue an interrupted run
+    """
+    from blipkit.config import load_recipe, recipe_from_dict, validate_recipe
+    from blipkit.io import read_json
+    from blipkit.train.runner import train as run_training
+
+    sugar = [f"{key}={value}" for key, value in
+             (("encoder.name", encoder), ("llm.name", llm), ("bridge.name", bridge), ("data.train.name", data))
+             if value is not None]
+    if resume_dir:
+        if args or sugar:
+            raise click.UsageError("--resume continues a run with its own recipe; it takes no recipe or overrides")
+        recipe = recipe_from_dict(read_json(Path(resume_dir) / "blipkit.json")["recipe"])
+        output = resume_dir
+    else:
+        name, overrides = _split_recipe_args(args)
+        recipe = load_recipe(name, [*sugar, *overrides])
+    validate_recipe(recipe)
+    result = run_training(recipe, output=output, resume=bool(resume_dir), overwrite=overwrite,
+                          stop_after=stop_after, quiet=quiet)
+    for stage, metrics in result.final.items():
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("lr", "samples_per_s"))
+        click.echo(f"{stage}: {summary}")
+    if result.skipped:
+        click.echo("skipped samples: " + ", ".join(f"{n} {reason}" for reason, n in result.skipped.items()))
+    if result.completed:
+        click.echo(f"Model saved in {result.run_dir} (metrics.jsonl, curves.png). Caption an image with:")
+        click.echo(f"  blipkit caption IMAGE --model {result.run_dir}")
+    else:
+        click.echo(f"Stopped early; continue with: blipkit train --resume {result.run_dir}")
+
+
+@cli.group()
+def recipes() -> None:
+    """List, copy and validate training recipes."""
+
+
+@recipes.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def recipes_ls(as_json: bool) -> None:
+    """List the recipes that blipkit and plugins ship."""
+    _print_entries("recipes", as_json)
+
+
+@recipes.command("cp")
+@click.argument("name")
+@click.argument("dest", type=click.Path(dir_okay=True))
+def recipes_cp(name: str, dest: str) -> None:
+    """Copy recipe NAME to DEST (a file, or a directory to copy into) to edit it."""
+    from blipkit.io import atomic_write_text
+    from blipkit.plugin_manager import registries
+
+    source = Path(registries().recipes.resolve(name).entry.factory())
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists():
+        raise click.UsageError(f"{target} exists; choose another destination")
+    atomic_write_text(target, source.read_text())
+    click.echo(f"Copied {name} to {target}; train with: blipkit train {target}")
+
+
+@recipes.command("validate")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+def recipes_validate(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE (a name or YAML file): keys, names and options, without loading weights."""
+    from blipkit.config import load_recipe, validate_recipe
+
+    validate_recipe(load_recipe(recipe, list(overrides)))
+    click.echo(f"{recipe}: ok")
 
 
 def _add_plugin_commands() -> None:

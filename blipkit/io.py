@@ -80,3 +80,8 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
         return load_file(str(path), device=device)
     except (SafetensorError, OSError) as err:
         raise DataError(f"{path} is not a readable safetensors file ({err}); re-save it") from None
+
+
+def cache_dir() -> Path:
+    """blipkit's cache directory: ``$BLIPKIT_CACHE`` or ``~/.cache/blipkit``."""
+    return Path(os.environ.get("BLIPKIT_CACHE") or Path.home() / ".cache" / "blipkit")

@@ -40,6 +40,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "blipkit.plugins.llms.tiny",
     "blipkit.plugins.bridges.qformer",
     "blipkit.plugins.bridges.projectors",
+    "blipkit.plugins.datasets.formats",
+    "blipkit.plugins.datasets.shapes",
+    "blipkit.recipes",
 )
 
 REGISTRY_HOOKS = {

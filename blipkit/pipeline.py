@@ -1,0 +1,245 @@
+"""VisionLanguageModel: frozen encoder -> bridge -> projection -> frozen LLM; build, save, load, generate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from blipkit import __version__
+from blipkit.config import ComponentConfig, Recipe, recipe_from_dict, recipe_to_dict
+from blipkit.errors import BlipkitError, ConfigError
+from blipkit.interfaces import Bridge, Encoder, LanguageModel
+from blipkit.io import atomic_write_json, read_json
+
+__all__ = ["VisionLanguageModel", "add_language_model", "build_model", "load_bridge", "load_model"]
+
+ImageInput = str | Path | Image.Image | torch.Tensor
+META_FILE = "blipkit.json"
+
+
+class VisionLanguageModel(nn.Module):
+    """The whole model. Stage 1 has no ``projection``/``llm``; they are None there."""
+
+    def __init__(
+        self,
+        encoder: Encoder | None,
+        bridge: Bridge,
+        projection: Bridge | None = None,
+        llm: LanguageModel | None = None,
+        recipe: Recipe | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.bridge = bridge
+        self.projection = projection
+        self.llm = llm
+        self.recipe = recipe or Recipe()
+        for frozen in (encoder, llm):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        """Train the bridge and projection; the frozen encoder and LLM stay in eval mode."""
+        super().train(mode)
+        for frozen in (self.encoder, self.llm):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the bridge's parameters live."""
+        return next(self.bridge.parameters()).device
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder tokens [B, N, D] for preprocessed pixels [B, 3, S, S]."""
+        if self.encoder is None:
+            raise BlipkitError("this model has no image encoder; pass precomputed image tokens instead")
+        with torch.no_grad():
+            return self.encoder(pixel_values.to(self.device))
+
+    def _batch_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        tokens = batch.get("image_tokens")
+        if tokens is None:
+            tokens = self.image_tokens(batch["pixel_values"])
+        return tokens.to(self.device, torch.float32)
+
+    def prefix(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft visual prompts [B, Q, D_llm] and the weighted auxiliary loss of bridge and projection."""
+        if self.projection is None or self.llm is None:
+            raise BlipkitError("this model has no language model (stage-1 only); run stage 2 to caption")
+        out = self.bridge(image_tokens, image_mask)
+        projected = self.projection(out.queries)
+        aux = image_tokens.new_zeros(())
+        for module, output in ((self.bridge, out), (self.projection, projected)):
+            if output.aux_loss is not None:
+                aux = aux + float(module.config.get("aux_loss_weight", 0.0)) * output.aux_loss
+        dtype = next(self.llm.parameters()).dtype
+        return projected.queries.to(dtype), aux
+
+    def forward(self, batch: dict[str, Any], objective: str) -> dict[str, torch.Tensor]:
+        """Losses of one batch: ``objective`` is ``stage1`` (Q-Former objectives) or ``stage2`` (LM loss)."""
+        tokens = self._batch_tokens(batch)
+        mask = batch.get("image_mask")
+        if objective == "stage1":
+            return self.bridge.stage1_loss(tokens, batch["bridge_text"], image_mask=mask)
+        prefix, aux = self.prefix(tokens, mask)
+        lm_loss = self.llm.loss(prefix, batch["lm"].to(self.device))
+        return {"loss": lm_loss + aux, "lm": lm_loss.detach(), "aux": aux.detach()}
+
+    def pixel_values(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
+        """Preprocess paths, PIL images or tensors into a batch [B, 3, S, S]."""
+        from blipkit.data.images import load_image
+
+        if isinstance(images, torch.Tensor):
+            return images if images.dim() == 4 else images.unsqueeze(0)
+        if self.encoder is None:
+            raise BlipkitError("this model has no image encoder; pass a pixel tensor")
+        tensors = []
+        for image in images:
+            if isinstance(image, torch.Tensor):
+                tensors.append(image)
+                continue
+            if isinstance(image, (str, Path)):
+                image = load_image(image)
+            tensors.append(self.encoder.preprocess(image))
+        return torch.stack(tensors)
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[ImageInput] | torch.Tensor, prompts: list[str], **generation: Any) -> list[str]:
+        """Text after each image's visual prefix and its prompt."""
+        tokens = self.image_tokens(self.pixel_values(images))
+        prefix, _ = self.prefix(tokens.float())
+        return self.llm.generate(prefix, prompts, **generation)
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The recipe's caption generation settings as keyword arguments."""
+        gen = self.recipe.generation
+        return {
+            "num_beams": gen.num_beams,
+            "max_new_tokens": gen.max_new_tokens,
+            "min_new_tokens": gen.min_new_tokens,
+            "repetition_penalty": gen.repetition_penalty,
+            "length_penalty": gen.length_penalty,
+        }
+
+    def caption(self, images: Sequence[ImageInput] | torch.Tensor, prompt: str | None = None, **generation: Any) -> list[str]:
+        """One caption per image (beam search with the recipe's defaults unless overridden)."""
+        batch = self.pixel_values(images)
+        prompt = self.recipe.data.caption_prompt if prompt is None else prompt
+        return self.generate(batch, [prompt] * len(batch), **{**self.generation_defaults(), **generation})
+
+    def vqa_prompt(self, question: str) -> str:
+        """The recipe's question prompt, in its decoder-only or encoder-decoder form."""
+        data = self.recipe.data
+        template = data.vqa_prompt_encoder_decoder if self.llm is not None and self.llm.is_encoder_decoder else data.vqa_prompt
+        return template.format(question)
+
+    def ask(self, images: Sequence[ImageInput] | torch.Tensor, questions: list[str], **generation: Any) -> list[str]:
+        """Short answers: beam 5, at most 10 new tokens unless overridden."""
+        settings = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, **generation}
+        return self.generate(images, [self.vqa_prompt(q) for q in questions], **settings)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a run directory (blipkit.json, bridge/, projection/) that ``load_model`` reads."""
+        path = Path(path)
+        save_weights(self, path)
+        write_meta(path, self.recipe, checkpoint=".")
+        return path
+
+
+def save_weights(model: VisionLanguageModel, directory: Path) -> None:
+    """Save the trainable parts (bridge, projection) under ``directory``."""
+    model.bridge.save_pretrained(directory / "bridge")
+    if model.projection is not None:
+        model.projection.save_pretrained(directory / "projection")
+
+
+def write_meta(run_dir: Path, recipe: Recipe, checkpoint: str, **extra: Any) -> None:
+    """Atomically (re)write ``blipkit.json``: the resolved recipe and which checkpoint is current."""
+    atomic_write_json(
+        run_dir / META_FILE,
+        {"blipkit_version": __version__, "checkpoint": checkpoint, **extra, "recipe": recipe_to_dict(recipe)},
+    )
+
+
+def _registries() -> Any:
+    from blipkit.plugin_manager import registries
+
+    return registries()
+
+
+def _weights_dir(path: Path, part: str) -> Path:
+    """``part`` of a run directory (following its current checkpoint) or of a bare bridge directory."""
+    meta_file = path / META_FILE
+    if meta_file.exists():
+        return path / read_json(meta_file).get("checkpoint", ".") / part
+    return path
+
+
+def load_bridge(name: str, path: str | Path) -> Bridge:
+    """Load a bridge registered as ``name`` from a saved directory or from a run directory."""
+    entry = _registries().bridges.resolve(name).entry
+    directory = Path(path)
+    if (directory / META_FILE).exists():
+        directory = _weights_dir(directory, "bridge")
+    if not (directory / "config.json").exists():
+        raise ConfigError(f"{path} holds no saved bridge (no config.json); give a run directory or a bridge directory")
+    loader = getattr(entry.factory, "from_pretrained", None)
+    if loader is None:
+        raise ConfigError(f"bridge '{name}' cannot be loaded from a directory (its plugin has no from_pretrained)")
+    return loader(directory)
+
+
+def _make_bridge(config: ComponentConfig, slot: str, **dims: int) -> Bridge:
+    regs = _registries()
+    if config.pretrained:
+        return load_bridge(config.name, _weights_dir(Path(config.pretrained), slot) if slot == "projection" else config.pretrained)
+    return regs.bridges.create(config.name, **dims, **config.options)
+
+
+def build_model(recipe: Recipe, with_llm: bool = True) -> VisionLanguageModel:
+    """Materialise the recipe's parts; without ``with_llm`` (stage 1) no LLM or projection is loaded."""
+    encoder = _registries().encoders.create(recipe.encoder.name, **recipe.encoder.options)
+    bridge = _make_bridge(recipe.bridge, "bridge", input_dim=encoder.feature_dim)
+    model = VisionLanguageModel(encoder, bridge, recipe=recipe)
+    if with_llm:
+        add_language_model(model, recipe)
+    return model
+
+
+def add_language_model(model: VisionLanguageModel, recipe: Recipe) -> VisionLanguageModel:
+    """Load the recipe's frozen LLM into ``model`` and give it a projection sized for bridge and LLM."""
+    llm = _registries().llms.create(recipe.llm.name, **recipe.llm.options).requires_grad_(False)
+    model.llm = llm
+    model.projection = _make_bridge(
+        recipe.projection, "projection", input_dim=model.bridge.output_dim, output_dim=llm.hidden_size
+    )
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None) -> VisionLanguageModel:
+    """Load a blipkit run directory written by training or by ``VisionLanguageModel.save``."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.exists():
+        raise BlipkitError(
+            f"{path} is not a blipkit model directory (no {META_FILE}); train one with: blipkit train"
+        )
+    meta = read_json(meta_file)
+    recipe = recipe_from_dict(meta["recipe"])
+    regs = _registries()
+    checkpoint = path / meta.get("checkpoint", ".")
+    encoder = regs.encoders.create(recipe.encoder.name, **recipe.encoder.options)
+    bridge = load_bridge(recipe.bridge.name, checkpoint / "bridge")
+    llm = projection = None
+    if (checkpoint / "projection").exists():
+        llm = regs.llms.create(recipe.llm.name, **recipe.llm.options)
+        projection = load_bridge(recipe.projection.name, checkpoint / "projection")
+    model = VisionLanguageModel(encoder, bridge, projection, llm, recipe).eval()
+    return model.to(device) if device is not None else model

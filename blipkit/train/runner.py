@@ -1,0 +1,352 @@
+"""The recipe runner: stage 1 (Q-Former objectives, no LLM) then stage 2 (LM loss through the frozen LLM).
+
+Written on accelerate's Accelerator (prepare, accumulate, backward, clip), so one CPU process and many
+GPU processes run the same loop. Checkpoints are whole directories written under a temporary name and
+renamed, then ``blipkit.json`` is atomically pointed at them: a crash never leaves a half-written
+checkpoint as the current one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from blipkit.config import Recipe, StageConfig
+from blipkit.data.collate import Collator
+from blipkit.errors import BlipkitError, ConfigError, DataError
+from blipkit.io import atomic_write_text, cache_dir, load_safetensors, read_json
+from blipkit.pipeline import META_FILE, VisionLanguageModel, add_language_model, build_model, save_weights, write_meta
+from blipkit.train.feedback import StageProgress, plot_curves
+from blipkit.train.optim import build_optimizer, build_scheduler
+from blipkit.train.state import load_trainer_state, restore_rng, save_trainer_state
+
+__all__ = ["TrainResult", "open_dataset", "run_dir_for", "train"]
+
+logger = logging.getLogger(__name__)
+STAGES = ("stage1", "stage2")
+
+
+@dataclass
+class TrainResult:
+    """Where the run went and how it ended."""
+
+    run_dir: Path
+    final: dict[str, dict[str, float]] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    completed: bool = True
+
+
+class BatchIndexSampler(Sampler[list[int]]):
+    """Endless batches of dataset indices in a seeded order per epoch, starting at batch ``start``.
+
+    The order depends only on (seed, epoch), so a resumed run sees exactly the batches the
+    uninterrupted one would. Each process takes its own slice of every global batch.
+    """
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
+        if len(indices) < batch_size * world:
+            raise DataError(
+                f"only {len(indices)} usable samples for a global batch of {batch_size * world}; "
+                "lower data.batch_size or add data"
+            )
+        self.indices = indices
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start = start
+        self.rank = rank
+        self.world = world
+        self.per_epoch = len(indices) // (batch_size * world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = divmod(self.start, self.per_epoch)
+        for current in itertools.count(epoch):
+            order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed * 100003 + current))
+            global_size = self.batch_size * self.world
+            for batch in range(offset if current == epoch else 0, self.per_epoch):
+                chunk = order[batch * global_size : (batch + 1) * global_size]
+                mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+                yield [self.indices[i] for i in mine.tolist()]
+
+
+def run_dir_for(recipe: Recipe, output: str | Path | None) -> Path:
+    """The run directory: ``output`` if given, else the recipe's ``output`` pattern."""
+    return Path(output) if output else Path(recipe.output.format(name=recipe.name))
+
+
+def open_dataset(name: str, split: str, options: dict[str, Any]) -> Any:
+    """Build a dataset through the dataset registry (a format name, ``prefix:source`` or a path)."""
+    from blipkit.plugin_manager import registries
+
+    return registries().datasets.create(name, split=split, **options)
+
+
+def _precision(recipe: Recipe) -> str:
+    if recipe.precision == "fp32" or not torch.cuda.is_available():
+        return "no"
+    if recipe.precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return recipe.precision
+
+
+def _stage_indices(dataset: Any, tasks: list[str]) -> list[int]:
+    indices = [i for i, record in enumerate(dataset.records) if record.task in tasks]
+    if not indices:
+        raise DataError(f"dataset '{dataset.name}' has no samples for tasks {tasks}; it has {sorted(dataset.tasks)}")
+    return indices
+
+
+class _Checkpointer:
+    """Writes step directories under run/checkpoints and points blipkit.json at the newest."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, keep: int) -> None:
+        self.run_dir = run_dir
+        self.recipe = recipe
+        self.keep = max(1, keep)
+
+    def save(self, model: VisionLanguageModel, optimizer: Any, scheduler: Any, progress: dict[str, Any]) -> str:
+        name = f"{progress['stage']}-step-{progress['step']:07d}"
+        final = self.run_dir / "checkpoints" / name
+        staging = self.run_dir / "checkpoints" / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_weights(model, staging)
+        save_trainer_state(staging / "trainer_state", optimizer, scheduler, progress)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        relative = f"checkpoints/{name}"
+        write_meta(self.run_dir, self.recipe, checkpoint=relative, progress=progress)
+        self._prune(keep_name=name)
+        return relative
+
+    def _prune(self, keep_name: str) -> None:
+        folder = self.run_dir / "checkpoints"
+        done = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+        for old in done[: -self.keep]:
+            if old.name != keep_name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume_point(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    meta_file = run_dir / META_FILE
+    if not meta_file.exists():
+        raise BlipkitError(f"cannot resume: {run_dir} holds no run ({META_FILE} missing); start one with: blipkit train")
+    meta = read_json(meta_file)
+    progress = meta.get("progress")
+    if progress is None:
+        return None
+    return progress, run_dir / meta["checkpoint"]
+
+
+def _trim_metrics(path: Path, progress: dict[str, Any]) -> None:
+    """Drop metric lines logged after the checkpoint a run resumes from."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row["stage"] in progress["completed"] or (row["stage"] == progress["stage"] and row["step"] <= progress["step"]):
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def train(
+    recipe: Recipe,
+    output: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Run the recipe's stages and write the run directory; ``stop_after`` optimizer steps ends early."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    run_dir = run_dir_for(recipe, output)
+    resume_from = None
+    if resume:
+        resume_from = _resume_point(run_dir)
+    elif (run_dir / META_FILE).exists():
+        if not overwrite:
+            raise BlipkitError(
+                f"{run_dir} already holds a run: continue it with --resume, replace it with --overwrite, "
+                "or choose another --output"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        write_meta(run_dir, recipe, checkpoint=".")
+
+    accelerator = Accelerator(
+        mixed_precision=_precision(recipe),
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(recipe.seed)
+    quiet = quiet or not accelerator.is_main_process
+    dataset = open_dataset(recipe.data.train.name, recipe.data.train.split, recipe.data.train.options)
+    checkpointer = _Checkpointer(run_dir, recipe, recipe.keep_checkpoints)
+    completed: list[str] = []
+    result = TrainResult(run_dir)
+    budget = stop_after
+
+    if resume_from is not None:
+        progress, checkpoint = resume_from
+        completed = list(progress["completed"])
+        _trim_metrics(run_dir / "metrics.jsonl", progress)
+
+    model: VisionLanguageModel | None = None
+    for stage_name in STAGES:
+        stage = getattr(recipe, stage_name)
+        if stage is None or stage_name in completed:
+            continue
+        if model is None:
+            model = build_model(recipe, with_llm=False)
+        if stage_name == "stage1" and not model.bridge.supports_stage1:
+            logger.info("bridge '%s' has no stage-1 objective: skipping stage 1", recipe.bridge.name)
+            continue
+        if stage_name == "stage2":
+            add_language_model(model, recipe)
+        start_step = 0
+        state = None
+        if resume_from is not None:
+            progress, checkpoint = resume_from
+            _load_trainable(model, checkpoint)
+            if progress["stage"] == stage_name:
+                state = load_trainer_state(checkpoint / "trainer_state")
+                start_step = progress["step"]
+        steps_done, final = _run_stage(
+            accelerator, model, dataset, recipe, stage_name, stage, start_step, state, checkpointer, completed, budget, quiet
+        )
+        result.final[stage_name] = final
+        if budget is not None:
+            budget -= steps_done - start_step
+        if steps_done < stage.steps:
+            result.completed = False
+            break
+        completed.append(stage_name)
+        resume_from = None
+
+    if result.completed:
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        _remember_last_run(run_dir)
+    result.skipped = dict(dataset.skipped)
+    return result
+
+
+def _load_trainable(model: VisionLanguageModel, checkpoint: Path) -> None:
+    model.bridge.load_state_dict(load_safetensors(checkpoint / "bridge" / "model.safetensors"))
+    if model.projection is not None and (checkpoint / "projection").exists():
+        model.projection.load_state_dict(load_safetensors(checkpoint / "projection" / "model.safetensors"))
+
+
+def _remember_last_run(run_dir: Path) -> None:
+    try:
+        atomic_write_text(cache_dir() / "last-run", str(run_dir.resolve()))
+    except OSError as err:
+        logger.warning("could not record the last run in %s: %s", cache_dir(), err)
+
+
+def _run_stage(
+    accelerator: Any,
+    model: VisionLanguageModel,
+    dataset: Any,
+    recipe: Recipe,
+    stage_name: str,
+    stage: StageConfig,
+    start_step: int,
+    state: dict[str, Any] | None,
+    checkpointer: _Checkpointer,
+    completed: list[str],
+    budget: int | None,
+    quiet: bool,
+) -> tuple[int, dict[str, float]]:
+    accelerator.gradient_accumulation_steps = stage.grad_accum
+    accelerator.step = 0
+    trainable = [m for m in (model.bridge, model.projection) if m is not None]
+    for module in trainable:
+        module.requires_grad_(True)
+    if recipe.gradient_checkpointing:
+        for module in (model.bridge, model.llm):
+            if module is not None and hasattr(module, "gradient_checkpointing_enable"):
+                module.gradient_checkpointing_enable()
+    optimizer = build_optimizer(trainable, stage)
+    scheduler = build_scheduler(optimizer, stage)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if state is not None:
+        restore_rng(*state["rng"])
+
+    batch_size = stage.batch_size or recipe.data.batch_size
+    llm = model.llm
+    collator = Collator(
+        stage_name,
+        model.encoder.preprocess,
+        bridge_tokenize=getattr(model.bridge, "tokenize", None),
+        llm_tokenize=llm.tokenize if llm is not None else None,
+        caption_prompt=recipe.data.caption_prompt,
+        vqa_prompt=model.vqa_prompt,
+        max_text_length=recipe.data.max_text_length,
+        prefix_lm=bool(llm is not None and llm.is_encoder_decoder),
+    )
+    sampler = BatchIndexSampler(
+        _stage_indices(dataset, stage.tasks),
+        batch_size,
+        seed=recipe.seed + (0 if stage_name == "stage1" else 1),
+        start=start_step * stage.grad_accum,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+    )
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers))
+    end = stage.steps if budget is None else min(stage.steps, start_step + max(0, budget))
+    params = [p for m in trainable for p in m.parameters() if p.requires_grad]
+    metrics_path = checkpointer.run_dir / "metrics.jsonl"
+    final: dict[str, float] = {}
+    wrapped.train()
+    with StageProgress(stage_name, stage.steps, start_step, quiet=quiet) as bar:
+        for step in range(start_step, end):
+            started = time.perf_counter()
+            sums: dict[str, float] = {}
+            samples = 0
+            for _ in range(stage.grad_accum):
+                batch = next(loader)
+                while not batch.get("size"):
+                    batch = next(loader)
+                with accelerator.accumulate(wrapped):
+                    losses = wrapped(batch, stage_name)
+                    accelerator.backward(losses["loss"])
+                    if accelerator.sync_gradients and stage.grad_clip > 0:
+                        accelerator.clip_grad_norm_(params, stage.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / stage.grad_accum
+                samples += batch["size"]
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            elapsed = time.perf_counter() - started
+            final = {**sums, "lr": lr, "samples_per_s": samples * accelerator.num_processes / elapsed}
+            if accelerator.is_main_process and ((step + 1) % recipe.log_every == 0 or step + 1 == stage.steps):
+                row = {"stage": stage_name, "step": step + 1, **{k: round(v, 6) for k, v in final.items()}}
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            bar.update(step + 1, final)
+            done = step + 1
+            at_interval = recipe.checkpoint_every and done % recipe.checkpoint_every == 0
+            if accelerator.is_main_process and (at_interval or done == end):
+                progress = {"stage": stage_name, "step": done, "completed": list(completed),
+                            "consumed": done * stage.grad_accum}
+                checkpointer.save(model, optimizer, scheduler, progress)
+    if start_step >= end:
+        return start_step, final
+    return end, final
