@@ -1,0 +1,156 @@
+"""``ImageTextDataset``: a map-style dataset of image-text samples that skips and counts bad ones.
+
+Every dataset format plugin builds one from a list of ``Record``s::
+
+    factory(source: str, split: str = "train", **options) -> ImageTextDataset
+
+Records are checked when the dataset is built (missing image file, empty text, empty question); the
+format adds rows it could not parse as ``skipped={"malformed row": n}``. An image that turns out
+unreadable only when loaded makes ``__getitem__`` return None (collators drop Nones) and is counted as
+``"corrupt image"``. ``report()`` sums it all up in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from blipkit.data.images import load_image
+from blipkit.data.sample import TASKS, Record, Sample
+from blipkit.errors import DataError
+
+__all__ = ["ImageTextDataset"]
+
+logger = logging.getLogger(__name__)
+
+MISSING_IMAGE = "missing image"
+EMPTY_TEXT = "empty text"
+EMPTY_QUESTION = "empty question"
+CORRUPT_IMAGE = "corrupt image"
+MALFORMED_ROW = "malformed row"
+
+
+class ImageTextDataset(Dataset):
+    """Samples of one split of one dataset; ``__getitem__`` returns a ``Sample`` or None (unreadable image).
+
+    Raises DataError when more than half of all rows are unusable, or when none is left.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        name: str,
+        split: str = "train",
+        skipped: Mapping[str, int] | None = None,
+    ) -> None:
+        self.name = name
+        self.split = split
+        self.skipped: Counter[str] = Counter({k: v for k, v in (skipped or {}).items() if v})
+        self._lock = threading.Lock()
+        self._unreadable: set[int] = set()
+        file_ok: dict[Path, bool] = {}
+        kept: list[Record] = []
+        for record in records:
+            reason = _problem(record, file_ok)
+            if reason is None:
+                kept.append(record)
+            else:
+                self.skipped[reason] += 1
+        self.records: list[Record] = kept
+        self.total = len(kept) + sum(self.skipped.values())
+        self.tasks: set[str] = {r.task for r in kept}
+        bad = sum(self.skipped.values())
+        if not kept:
+            detail = f" ({self._reasons()})" if bad else ""
+            raise DataError(f"dataset '{name}' ({split}) has no usable samples{detail}; check its files and columns")
+        if bad * 2 > self.total:
+            raise DataError(
+                f"dataset '{name}' ({split}): {bad} of {self.total} samples are unusable ({self._reasons()}); "
+                "check the image paths and the annotation file"
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        index = range(len(self.records))[index]
+        record = self.records[index]
+        if index in self._unreadable:
+            return None
+        try:
+            image = _materialise(record.image)
+        except DataError as err:
+            with self._lock:
+                if index not in self._unreadable:
+                    self._unreadable.add(index)
+                    self.skipped[CORRUPT_IMAGE] += 1
+            logger.warning("skipping sample %d of dataset '%s': %s", index, self.name, err)
+            return None
+        return Sample(
+            image=image,
+            text=record.text,
+            question=record.question,
+            answers=list(record.answers) if record.answers is not None else None,
+            image_id=record.image_id,
+            task=record.task,
+            meta=record.meta,
+        )
+
+    def __getstate__(self) -> dict[str, object]:
+        # DataLoader workers started with "spawn" pickle the dataset; a lock cannot be pickled.
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _reasons(self) -> str:
+        return ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+
+    def report(self) -> str:
+        """One line: how many samples were skipped and why, e.g. ``skipped 3 of 120 samples: 2 missing image, 1 empty text``."""
+        with self._lock:
+            bad = sum(self.skipped.values())
+            line = f"skipped {bad} of {self.total} samples"
+            return f"{line}: {self._reasons()}" if bad else line
+
+    def __repr__(self) -> str:
+        return f"ImageTextDataset(name={self.name!r}, split={self.split!r}, samples={len(self)}, tasks={sorted(self.tasks)})"
+
+
+def _problem(record: Record, file_ok: dict[Path, bool]) -> str | None:
+    """Why ``record`` cannot be used, or None; ``file_ok`` caches file checks for images shared by records."""
+    if record.task not in TASKS:
+        return MALFORMED_ROW
+    if not isinstance(record.text, str) or not record.text.strip():
+        return EMPTY_TEXT
+    if record.task == "vqa" and (not isinstance(record.question, str) or not record.question.strip()):
+        return EMPTY_QUESTION
+    if isinstance(record.image, (str, Path)):
+        path = Path(record.image)
+        if path not in file_ok:
+            file_ok[path] = path.is_file()
+        if not file_ok[path]:
+            return MISSING_IMAGE
+    elif not (isinstance(record.image, Image.Image) or callable(record.image)):
+        return MALFORMED_ROW
+    return None
+
+
+def _materialise(source: object) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, Path)):
+        return load_image(source)
+    image = source()  # type: ignore[operator]
+    if not isinstance(image, Image.Image):
+        raise DataError(f"image source {source!r} returned {type(image).__name__}, not a PIL image")
+    return image

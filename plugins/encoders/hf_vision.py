@@ -1,0 +1,217 @@
+"""transformers vision towers: ``hf:<repo id or local dir>`` for SigLIP and CLIP (vision-only or full models).
+
+Tokens come from a block's output before ``post_layernorm`` (default: the penultimate block, i.e.
+``hidden_states[-2]``). SigLIP towers return the patch grid only (no CLS token); CLIP towers return
+1 CLS token, then the patch grid.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from blipkit import hookimpl
+from blipkit.errors import ConfigError
+from blipkit.interfaces import Encoder
+
+from ._common import FrozenEncoder, ImageTransform, file_fingerprint, fingerprint, freeze, resolve_layer, unavailable
+
+# model_type in config.json -> (family, whether the vision tower sits inside a full image-text model)
+MODEL_TYPES: dict[str, tuple[str, bool]] = {
+    "siglip_vision_model": ("siglip", False),
+    "siglip": ("siglip", True),
+    "clip_vision_model": ("clip", False),
+    "clip": ("clip", True),
+}
+# Used when a model directory has no preprocessor_config.json: each family's published processor defaults.
+FAMILY_PREPROCESS: dict[str, dict[str, Any]] = {
+    "siglip": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash", "resample": "bicubic"},
+    "clip": {
+        "mean": (0.48145466, 0.4578275, 0.40821073),
+        "std": (0.26862954, 0.26130258, 0.27577711),
+        "resize_mode": "shortest",
+        "resample": "bicubic",
+    },
+}
+_PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+class HFVisionEncoder(FrozenEncoder):
+    """A SigLIP/CLIP vision tower from transformers, cut after one block, without its final norm."""
+
+    def __init__(self, tower: nn.Module, index: int, family: str, **geometry: Any) -> None:
+        super().__init__(**geometry)
+        self.tower = tower
+        self.index = index
+        self.family = family
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, N, D] of block ``index`` (CLIP: CLS then patches; SigLIP: patches only)."""
+        hidden = self.tower.embeddings(self._input(pixel_values))
+        if self.family == "clip":
+            hidden = self.tower.pre_layrnorm(hidden)
+        return self.tower.encoder(inputs_embeds=hidden).last_hidden_state
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def claims_directory(name: str) -> bool:
+    """Whether ``name`` is a local directory holding a SigLIP or CLIP (vision) model."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return False
+    config = _read_config(path)
+    return config is not None and config.get("model_type") in MODEL_TYPES
+
+
+def _offline(model: str, err: BaseException) -> Exception:
+    return unavailable(
+        f"Hugging Face model '{model}' could not be loaded ({type(err).__name__}): it is not in the local cache and "
+        f"the hub is not reachable; download it where the hub is reachable (hf download {model}) or pass a local "
+        "directory: --encoder /path/to/model_dir"
+    )
+
+
+def _preprocessor_config(model: str, local: bool, revision: str | None) -> dict[str, Any] | None:
+    if local:
+        file = Path(model) / "preprocessor_config.json"
+        if not file.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(model, "preprocessor_config.json", revision=revision))
+        except Exception:  # a repo without a processor config, or no hub: fall back to the family defaults
+            return None
+    try:
+        data = json.loads(file.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{file} is not valid JSON; fix or delete it") from err
+    return data.get("image_processor", data) if isinstance(data, dict) else None
+
+
+def build_transform(family: str, image_size: int, processor: dict[str, Any] | None) -> ImageTransform:
+    """The image transform from a saved image-processor config, else the family's defaults at ``image_size``."""
+    defaults = FAMILY_PREPROCESS[family]
+    if processor is None:
+        return ImageTransform(size=image_size, **defaults)
+    mean, std = processor.get("image_mean", defaults["mean"]), processor.get("image_std", defaults["std"])
+    if not processor.get("do_normalize", True):
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    resample = _PIL_RESAMPLE_NAMES.get(processor.get("resample"), defaults["resample"])
+    size = processor.get("size") or {}
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    crop = processor.get("crop_size") or {}
+    if isinstance(crop, int):
+        crop = {"height": crop, "width": crop}
+    if "shortest_edge" in size:
+        cropped = processor.get("do_center_crop", True)
+        side = int(crop.get("height", image_size)) if cropped else int(size["shortest_edge"])
+        transform = ImageTransform(
+            size=side,
+            mean=tuple(mean),
+            std=tuple(std),
+            resize_mode="shortest",
+            resize_to=int(size["shortest_edge"]),
+            resample=resample,
+        )
+    else:
+        height, width = int(size.get("height", image_size)), int(size.get("width", image_size))
+        if height != width:
+            raise ConfigError(f"image processor resizes to {height}x{width}; blipkit encoders take square images")
+        transform = ImageTransform(
+            size=height, mean=tuple(mean), std=tuple(std), resize_mode="squash", resample=resample
+        )
+    if transform.size != image_size:
+        raise ConfigError(
+            f"image processor output {transform.size}px does not match the vision config's image_size {image_size}px"
+        )
+    return transform
+
+
+def hf_vision_encoder(model: str, layer: int = -2, revision: str | None = None) -> Encoder:
+    """Load a SigLIP/CLIP vision tower from a hub id or local directory (safetensors weights only)."""
+    import transformers
+
+    local = Path(model).expanduser().is_dir()
+    source = str(Path(model).expanduser().resolve()) if local else model
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as err:
+        if local:
+            raise ConfigError(f"{source} holds no readable config.json for a transformers model ({err})") from err
+        raise _offline(model, err) from err
+    model_type = getattr(config, "model_type", "")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"hf:{model} is a '{model_type}' model; hf: encoders take SigLIP or CLIP (vision) models")
+    family, full = MODEL_TYPES[model_type]
+    classes = {
+        ("siglip", False): "SiglipVisionModel",
+        ("siglip", True): "SiglipModel",
+        ("clip", False): "CLIPVisionModel",
+        ("clip", True): "CLIPModel",
+    }
+    model_class = getattr(transformers, classes[family, full])
+    try:
+        loaded = model_class.from_pretrained(
+            source, config=config, revision=revision, dtype=torch.float32, use_safetensors=True
+        )
+    except (OSError, ValueError) as err:
+        if local:
+            raise unavailable(
+                f"{source} has no loadable model.safetensors ({type(err).__name__}); only safetensors weights are "
+                "loaded: save the model with save_pretrained(dir, safe_serialization=True)"
+            ) from err
+        raise _offline(model, err) from err
+    tower = loaded.vision_model if full else loaded
+    vision_config = config.vision_config if full else config
+    depth = len(tower.encoder.layers)
+    index = resolve_layer(layer, depth, f"hf:{model}")
+    tower.encoder.layers = tower.encoder.layers[: index + 1]
+    if family == "siglip" and getattr(tower, "head", None) is not None:
+        tower.head = None
+    image_size = int(vision_config.image_size)
+    grid = image_size // int(vision_config.patch_size)
+    transform = build_transform(family, image_size, _preprocessor_config(source, local, revision))
+    if local:
+        weights = fingerprint(sorted(file_fingerprint(f) for f in Path(source).glob("*.safetensors")))
+    else:
+        weights = getattr(config, "_commit_hash", None) or revision or "main"
+    key = f"hf:{source}@{weights}:block{index}:{image_size}px:pre-{fingerprint(transform.describe())}"
+    encoder = HFVisionEncoder(
+        freeze(tower),
+        index,
+        family,
+        transform=transform,
+        feature_dim=int(vision_config.hidden_size),
+        image_size=image_size,
+        patch_grid=(grid, grid),
+        num_prefix_tokens=1 if family == "clip" else 0,
+        key=key,
+    )
+    return freeze(encoder)
+
+
+@hookimpl
+def register_encoders(register: Callable[..., None]) -> None:
+    """Register the ``hf:`` prefix, which also claims local SigLIP/CLIP model directories."""
+    register(
+        "hf:",
+        hf_vision_encoder,
+        description="a transformers SigLIP or CLIP vision tower: hf:<repo id> or a local model directory",
+        kind="transformers",
+        matches=claims_directory,
+    )
