@@ -170,6 +170,11 @@ def _coerce(default: Any, value: Any, where: str) -> Any:
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
+            except ValueError:
+                pass
     elif isinstance(default, str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

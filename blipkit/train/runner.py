@@ -284,8 +284,6 @@ def _run_stage(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    if state is not None:
-        restore_rng(*state["rng"])
 
     batch_size = stage.batch_size or recipe.data.batch_size
     llm = model.llm
@@ -308,6 +306,9 @@ def _run_stage(
         world=accelerator.num_processes,
     )
     loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers))
+    if state is not None:
+        # After the loader: starting its iterator draws from the global generator.
+        restore_rng(*state["rng"])
     end = stage.steps if budget is None else min(stage.steps, start_step + max(0, budget))
     params = [p for m in trainable for p in m.parameters() if p.requires_grad]
     metrics_path = checkpointer.run_dir / "metrics.jsonl"

@@ -10,7 +10,7 @@ from torch import nn
 
 from blipkit.errors import ConfigError
 
-__all__ = ["ResidualMLP", "check_num_tokens", "masked_mean", "pool_tokens"]
+__all__ = ["ResidualMLP", "check_dropout", "check_num_tokens", "check_positive", "masked_mean", "pool_tokens"]
 
 
 class ResidualMLP(nn.Module):
@@ -26,6 +26,19 @@ class ResidualMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map [..., input_dim] to [..., output_dim]."""
         return self.fc2(self.dropout(F.gelu(self.fc1(x)))) + self.skip(x)
+
+
+def check_positive(**values: int | None) -> None:
+    """Raise ConfigError naming the first option that is neither None nor a positive integer."""
+    for label, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{label} must be a positive integer, not {value!r}")
+
+
+def check_dropout(dropout: float) -> None:
+    """Raise ConfigError unless 0 <= dropout < 1."""
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), not {dropout!r}")
 
 
 def check_num_tokens(num_tokens: int | None) -> None:

@@ -10,7 +10,14 @@ from torch import nn
 
 from blipkit.errors import ConfigError
 from blipkit.interfaces import Bridge, BridgeOutput
-from blipkit.plugins.bridges._mlp import ResidualMLP, check_num_tokens, masked_mean, pool_tokens
+from blipkit.plugins.bridges._mlp import (
+    ResidualMLP,
+    check_dropout,
+    check_num_tokens,
+    check_positive,
+    masked_mean,
+    pool_tokens,
+)
 
 __all__ = ["MoEProjector"]
 
@@ -56,20 +63,16 @@ class MoEProjector(Bridge):
         num_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        for label, value in (("input_dim", input_dim), ("output_dim", output_dim), ("hidden_dim", hidden_dim),
-                             ("num_experts", num_experts)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{label} must be a positive integer, not {value!r}")
+        check_positive(input_dim=input_dim, output_dim=output_dim, hidden_dim=hidden_dim, num_experts=num_experts)
         if routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {', '.join(ROUTINGS)}, not {routing!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ConfigError(f"top_k must be between 1 and num_experts={num_experts}, not {top_k!r}")
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive, not {temperature!r}")
         if router_noise < 0:
             raise ConfigError(f"router_noise must be zero or positive, not {router_noise!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), not {dropout!r}")
+        check_dropout(dropout)
         check_num_tokens(num_tokens)
         self.config: dict[str, Any] = {
             "input_dim": input_dim,

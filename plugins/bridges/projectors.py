@@ -13,18 +13,11 @@ import torch
 from torch import nn
 
 from blipkit import hookimpl
-from blipkit.errors import ConfigError
 from blipkit.interfaces import Bridge, BridgeOutput
-from blipkit.plugins.bridges._mlp import ResidualMLP, check_num_tokens, pool_tokens
+from blipkit.plugins.bridges._mlp import ResidualMLP, check_dropout, check_num_tokens, check_positive, pool_tokens
 from blipkit.plugins.bridges._moe import MoEProjector
 
 __all__ = ["LinearProjector", "MLPProjector", "MoEProjector", "register_bridges"]
-
-
-def _check_dims(input_dim: int, output_dim: int | None, hidden_dim: int | None = None) -> None:
-    for label, value in (("input_dim", input_dim), ("output_dim", output_dim), ("hidden_dim", hidden_dim)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{label} must be a positive integer, not {value!r}")
 
 
 class LinearProjector(Bridge):
@@ -38,7 +31,7 @@ class LinearProjector(Bridge):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        _check_dims(input_dim, output_dim)
+        check_positive(input_dim=input_dim, output_dim=output_dim)
         check_num_tokens(num_tokens)
         self.config: dict[str, Any] = {
             "input_dim": input_dim,
@@ -80,10 +73,9 @@ class MLPProjector(Bridge):
         num_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        _check_dims(input_dim, output_dim, hidden_dim)
+        check_positive(input_dim=input_dim, output_dim=output_dim, hidden_dim=hidden_dim)
+        check_dropout(dropout)
         check_num_tokens(num_tokens)
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), not {dropout!r}")
         self.config: dict[str, Any] = {
             "input_dim": input_dim,
             "output_dim": output_dim,

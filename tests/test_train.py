@@ -1,0 +1,141 @@
+"""The recipe runner: the tiny recipe end to end, schedules, resume, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import blipkit
+from blipkit.cli import cli
+from blipkit.config import StageConfig, load_recipe
+from blipkit.io import load_safetensors
+from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
+from blipkit.train.runner import train
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLIPKIT_CACHE", str(tmp_path / "cache"))
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    meta = json.loads((run / "blipkit.json").read_text())
+    checkpoint = run / meta["checkpoint"]
+    tensors = {f"bridge.{k}": v for k, v in load_safetensors(checkpoint / "bridge" / "model.safetensors").items()}
+    if (checkpoint / "projection").exists():
+        projection = load_safetensors(checkpoint / "projection" / "model.safetensors")
+        tensors.update({f"projection.{k}": v for k, v in projection.items()})
+    return tensors
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_recipe_end_to_end_through_the_cli(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "tiny", "-o", str(run), "-q"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert "stage1: loss" in result.output and "stage2: loss" in result.output
+    assert f"blipkit caption IMAGE --model {run}" in result.output
+    meta = json.loads((run / "blipkit.json").read_text())
+    assert meta["recipe"]["name"] == "tiny" and meta["progress"]["completed"] == ["stage1"]
+    checkpoint = run / meta["checkpoint"]
+    for part in ("bridge/config.json", "bridge/model.safetensors", "projection/model.safetensors",
+                 "trainer_state/optimizer.safetensors", "trainer_state/state.json"):
+        assert (checkpoint / part).is_file(), part
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    rows = _metrics(run)
+    assert [(r["stage"], r["step"]) for r in rows] == [("stage1", s) for s in range(1, 5)] + [("stage2", s) for s in range(1, 5)]
+    assert {"itc", "itm", "itg", "itm_acc"} <= set(rows[0]) and "lm" in rows[-1]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    with Image.open(run / "curves.png") as image:
+        assert image.format == "PNG" and image.width > 100
+
+    model = blipkit.load(run)
+    assert model.llm is not None and model.projection is not None
+    picture = Image.new("RGB", (32, 32), (200, 30, 30))
+    captions = model.caption([picture], num_beams=1, max_new_tokens=4, min_new_tokens=1)
+    assert len(captions) == 1 and isinstance(captions[0], str)
+    assert (tmp_path / "cache" / "last-run").read_text() == str(run.resolve())
+
+
+def test_existing_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
+    recipe = load_recipe("tiny", ["~stage1", "stage2.steps=1"])
+    train(recipe, output=tmp_path / "run", quiet=True)
+    result = CliRunner().invoke(cli, ["train", "tiny", "~stage1", "stage2.steps=1", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr
+
+
+def test_schedule_warmup_cosine_and_minimum() -> None:
+    stage = StageConfig(steps=100, lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    assert lr_at(0, stage) == 0.0
+    assert lr_at(5, stage) == pytest.approx(5e-4)
+    assert lr_at(10, stage) == pytest.approx(1e-3)
+    assert lr_at(55, stage) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lr_at(100, stage) == pytest.approx(1e-5)
+    layer = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer([layer], stage)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    assert optimizer.param_groups[1]["params"][0] is layer.bias
+    scheduler = build_scheduler(optimizer, stage)
+    seen = []
+    for _ in range(100):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([lr_at(s, stage) for s in range(100)])
+
+
+def test_schedule_counts_optimizer_steps_under_accumulation(tmp_path: Path) -> None:
+    overrides = ["~stage1", "stage2.steps=3", "stage2.warmup_steps=2", "stage2.grad_accum=2", "stage2.min_lr=0.0"]
+    train(load_recipe("tiny", overrides), output=tmp_path / "run", quiet=True)
+    rows = _metrics(tmp_path / "run")
+    stage = load_recipe("tiny", overrides).stage2
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, stage) for s in range(3)])
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    """Train 8 steps; train 3 (mid stage 1), resume to 6 (mid stage 2), resume to the end: same weights."""
+    recipe = load_recipe("tiny")
+    whole = tmp_path / "whole"
+    train(recipe, output=whole, quiet=True)
+    parts = tmp_path / "parts"
+    first = train(recipe, output=parts, stop_after=3, quiet=True)
+    assert not first.completed
+    assert json.loads((parts / "blipkit.json").read_text())["progress"]["step"] == 3
+    result = CliRunner().invoke(cli, ["train", "--resume", str(parts), "--stop-after", "3", "-q"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert "continue with: blipkit train --resume" in result.output
+    train(recipe, output=parts, resume=True, quiet=True)
+    expected, got = _weights(whole), _weights(parts)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert [r["loss"] for r in _metrics(parts)] == [r["loss"] for r in _metrics(whole)]
+
+
+def test_bridge_without_stage1_skips_it(tmp_path: Path) -> None:
+    recipe = load_recipe("tiny", ["bridge.name=mlp", "bridge.options={num_tokens: 4}", "stage2.steps=2"])
+    result = train(recipe, output=tmp_path / "run", quiet=True)
+    assert list(result.final) == ["stage2"]
+    assert {r["stage"] for r in _metrics(tmp_path / "run")} == {"stage2"}
+    model = blipkit.load(tmp_path / "run")
+    assert type(model.bridge).__name__ == "MLPProjector"
+
+
+def test_loss_falls_when_overfitting(tmp_path: Path) -> None:
+    overrides = ["~stage1", "stage2.steps=30", "stage2.lr=3e-3", "stage2.warmup_steps=2", "stage2.tasks=[caption]",
+                 "data.train.options.num_images=8", "data.batch_size=8", "log_every=1"]
+    train(load_recipe("tiny", overrides), output=tmp_path / "run", quiet=True)
+    losses = [r["loss"] for r in _metrics(tmp_path / "run")]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
