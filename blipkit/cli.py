@@ -239,6 +239,10 @@ def train(
     for stage, metrics in result.final.items():
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("lr", "samples_per_s"))
         click.echo(f"{stage}: {summary}")
+    if result.feature_cache is not None:
+        from blipkit.data.feature_cache import cache_size
+
+        click.echo(f"feature cache: {result.feature_cache} ({cache_size(result.feature_cache) / 2**20:.1f} MiB)")
     if result.skipped:
         click.echo("skipped samples: " + ", ".join(f"{n} {reason}" for reason, n in result.skipped.items()))
     if result.completed:
@@ -246,6 +250,40 @@ def train(
         click.echo(f"  blipkit caption IMAGE --model {result.run_dir}")
     else:
         click.echo(f"Stopped early; continue with: blipkit train --resume {result.run_dir}")
+
+
+@cli.command()
+@click.argument("args", nargs=-1, metavar="[RECIPE] [KEY=VALUE | ~KEY]...")
+@click.option("--clear", is_flag=True, help="Delete every cached feature instead.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def cache(args: tuple[str, ...], clear: bool, quiet: bool) -> None:
+    """Encode a recipe's images once with its frozen encoder and store the features for training.
+
+    Training fills the cache by itself (data.feature_cache=true, the default); this does it ahead of
+    time. Features live under $BLIPKIT_CACHE/features (default ~/.cache/blipkit), keyed by the encoder's
+    cache key and each image's content, so they are reused across epochs, stages and runs.
+    """
+    from blipkit.data.feature_cache import cache_size, clear_cache, features_root
+
+    if clear:
+        if args:
+            raise click.UsageError("--clear takes no recipe")
+        freed = clear_cache()
+        click.echo(f"Cleared {features_root()} ({freed / 2**20:.1f} MiB)")
+        return
+    from blipkit.config import load_recipe
+    from blipkit.pipeline import build_model
+    from blipkit.train.runner import cached_features, open_dataset
+
+    name, overrides = _split_recipe_args(args)
+    recipe = load_recipe(name, overrides)
+    model = build_model(recipe, with_llm=False)
+    for split in (recipe.data.train, recipe.data.validation):
+        if split is None:
+            continue
+        view = cached_features(model, open_dataset(split.name, split.split, split.options), quiet=quiet)
+        size = cache_size(view.cache.path)
+        click.echo(f"{split.name} ({split.split}): {len(view.cache)} images cached in {view.cache.path} ({size / 2**20:.1f} MiB)")
 
 
 @cli.group()

@@ -55,12 +55,16 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig:
-    """Where samples come from and how they are batched and prompted."""
+    """Where samples come from and how they are batched and prompted.
+
+    ``feature_cache``: encode every image once with the frozen encoder and train from the stored tokens.
+    """
 
     train: DatasetConfig = field(default_factory=DatasetConfig)
     validation: DatasetConfig | None = None
     batch_size: int = 16
     num_workers: int = 0
+    feature_cache: bool = True
     max_text_length: int = 32
     caption_prompt: str = ""
     vqa_prompt: str = "Question: {} Answer:"

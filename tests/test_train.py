@@ -134,8 +134,8 @@ def test_bridge_without_stage1_skips_it(tmp_path: Path) -> None:
 
 
 def test_loss_falls_when_overfitting(tmp_path: Path) -> None:
-    overrides = ["~stage1", "stage2.steps=30", "stage2.lr=3e-3", "stage2.warmup_steps=2", "stage2.tasks=[caption]",
+    overrides = ["~stage1", "stage2.steps=60", "stage2.lr=3e-3", "stage2.warmup_steps=2", "stage2.tasks=[caption]",
                  "data.train.options.num_images=8", "data.batch_size=8", "log_every=1"]
     train(load_recipe("tiny", overrides), output=tmp_path / "run", quiet=True)
     losses = [r["loss"] for r in _metrics(tmp_path / "run")]
-    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5

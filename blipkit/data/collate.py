@@ -50,7 +50,10 @@ class Collator:
         batch: dict[str, Any] = {"dropped": len(samples) - len(kept), "size": len(kept)}
         if not kept:
             return batch
-        batch["pixel_values"] = torch.stack([self.preprocess(s.image) for s in kept])
+        if all(s.image_tokens is not None for s in kept):
+            batch["image_tokens"] = torch.stack([s.image_tokens for s in kept])
+        else:
+            batch["pixel_values"] = torch.stack([self.preprocess(s.image) for s in kept])
         batch["image_ids"] = [s.image_id for s in kept]
         if self.stage == "stage1":
             batch["bridge_text"] = self.bridge_tokenize([s.text for s in kept], max_length=self.max_text_length)

@@ -25,7 +25,7 @@ from blipkit.data.images import load_image
 from blipkit.data.sample import TASKS, Record, Sample
 from blipkit.errors import DataError
 
-__all__ = ["ImageTextDataset"]
+__all__ = ["CORRUPT_IMAGE", "ImageTextDataset", "materialise_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ImageTextDataset(Dataset):
         if index in self._unreadable:
             return None
         try:
-            image = _materialise(record.image)
+            image = materialise_image(record.image)
         except DataError as err:
             with self._lock:
                 if index not in self._unreadable:
@@ -145,7 +145,8 @@ def _problem(record: Record, file_ok: dict[Path, bool]) -> str | None:
     return None
 
 
-def _materialise(source: object) -> Image.Image:
+def materialise_image(source: object) -> Image.Image:
+    """The PIL image behind an image source (raises DataError when it cannot be read)."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (str, Path)):

@@ -30,15 +30,17 @@ class Sample:
 
     ``image_id`` is stable across runs and shared by every sample of the same image (feature caching,
     ITM negatives). ``meta`` holds format-specific extras, e.g. the drawn objects of a ``shapes`` image.
+    A sample read through the feature cache has no ``image`` but the encoder's ``image_tokens`` [N, D].
     """
 
-    image: Image.Image
+    image: Image.Image | None
     text: str
     question: str | None = None
     answers: list[str] | None = None
     image_id: str = ""
     task: Task = "caption"
     meta: dict[str, Any] = field(default_factory=dict)
+    image_tokens: Any = None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from blipkit.io import atomic_path
 
-__all__ = ["StageProgress", "plot_curves"]
+__all__ = ["CountProgress", "StageProgress", "plot_curves"]
 
 
 class StageProgress:
@@ -45,6 +45,33 @@ class StageProgress:
         """Show ``step`` and the latest metrics."""
         info = f"loss {metrics.get('loss', float('nan')):.4f}  lr {metrics.get('lr', 0.0):.2e}  {metrics.get('samples_per_s', 0.0):.1f} samples/s"
         self.progress.update(self.task, completed=step, info=info)
+
+
+class CountProgress:
+    """A plain counting progress bar on stderr (e.g. images encoded); silent when quiet or not a terminal."""
+
+    def __init__(self, description: str, total: int, quiet: bool = False) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=quiet or not sys.stderr.isatty(),
+        )
+        self.task = self.progress.add_task(description, total=total)
+
+    def __enter__(self) -> CountProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.progress.stop()
+
+    def advance(self, count: int) -> None:
+        """Count ``count`` more items done."""
+        self.progress.advance(self.task, count)
 
 
 def plot_curves(metrics_file: Path, out: Path) -> bool:

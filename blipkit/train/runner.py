@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from blipkit.config import Recipe, StageConfig
 from blipkit.data.collate import Collator
+from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
 from blipkit.errors import BlipkitError, ConfigError, DataError
 from blipkit.io import atomic_write_text, cache_dir, load_safetensors, read_json
 from blipkit.pipeline import META_FILE, VisionLanguageModel, add_language_model, build_model, save_weights, write_meta
-from blipkit.train.feedback import StageProgress, plot_curves
+from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
 from blipkit.train.optim import build_optimizer, build_scheduler
 from blipkit.train.state import load_trainer_state, restore_rng, save_trainer_state
 
@@ -44,6 +45,7 @@ class TrainResult:
     final: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     completed: bool = True
+    feature_cache: Path | None = None
 
 
 class BatchIndexSampler(Sampler[list[int]]):
@@ -203,13 +205,16 @@ def train(
         completed = list(progress["completed"])
         _trim_metrics(run_dir / "metrics.jsonl", progress)
 
-    model: VisionLanguageModel | None = None
+    model = build_model(recipe, with_llm=False)
+    model.to(accelerator.device)
+    training_data: Any = dataset
+    if recipe.data.feature_cache:
+        training_data = cached_features(model, dataset, quiet=quiet)
+        result.feature_cache = training_data.cache.path
     for stage_name in STAGES:
         stage = getattr(recipe, stage_name)
         if stage is None or stage_name in completed:
             continue
-        if model is None:
-            model = build_model(recipe, with_llm=False)
         if stage_name == "stage1" and not model.bridge.supports_stage1:
             logger.info("bridge '%s' has no stage-1 objective: skipping stage 1", recipe.bridge.name)
             continue
@@ -224,7 +229,7 @@ def train(
                 state = load_trainer_state(checkpoint / "trainer_state")
                 start_step = progress["step"]
         steps_done, final = _run_stage(
-            accelerator, model, dataset, recipe, stage_name, stage, start_step, state, checkpointer, completed, budget, quiet
+            accelerator, model, training_data, recipe, stage_name, stage, start_step, state, checkpointer, completed, budget, quiet
         )
         result.final[stage_name] = final
         if budget is not None:
@@ -238,7 +243,7 @@ def train(
     if result.completed:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         _remember_last_run(run_dir)
-    result.skipped = dict(dataset.skipped)
+    result.skipped = dict(training_data.skipped)
     return result
 
 
@@ -246,6 +251,19 @@ def _load_trainable(model: VisionLanguageModel, checkpoint: Path) -> None:
     model.bridge.load_state_dict(load_safetensors(checkpoint / "bridge" / "model.safetensors"))
     if model.projection is not None and (checkpoint / "projection").exists():
         model.projection.load_state_dict(load_safetensors(checkpoint / "projection" / "model.safetensors"))
+
+
+def cached_features(model: VisionLanguageModel, dataset: Any, quiet: bool = False, batch_size: int = 32) -> CachedFeatureDataset:
+    """Encode every image of ``dataset`` not yet in the feature cache, and view the dataset through it."""
+    encoder = model.encoder
+    cache = FeatureCache(encoder.cache_key)
+
+    def encode(images: list[Any]) -> torch.Tensor:
+        return model.image_tokens(torch.stack([encoder.preprocess(image) for image in images]))
+
+    with CountProgress("encoding images", len(dataset.records), quiet=quiet) as bar:
+        keys = cache.fill(dataset.records, encode, batch_size=batch_size, progress=bar.advance)
+    return CachedFeatureDataset(dataset, cache, keys)
 
 
 def _remember_last_run(run_dir: Path) -> None:

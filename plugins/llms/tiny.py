@@ -97,8 +97,13 @@ def tiny_llama(
     seed: int = 0,
     max_target_tokens: int | None = None,
     dtype: str = "float32",
+    initializer_range: float = 0.5,
 ) -> CausalLM:
-    """A random Llama (decoder-only) with the tiny tokenizer (adds BOS), weights fixed by ``seed``."""
+    """A random Llama (decoder-only) with the tiny tokenizer (adds BOS), weights fixed by ``seed``.
+
+    ``initializer_range`` is far above Llama's 0.02 so that the frozen random model has logits a visual
+    prefix can steer: with near-zero weights every output is close to uniform and no bridge could learn.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
@@ -115,6 +120,7 @@ def tiny_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=initializer_range,
     )
     model = _seeded(lambda: LlamaForCausalLM(config), seed).to(torch_dtype)
     return CausalLM(model, tokenizer, name="tiny-llama", max_target_tokens=max_target_tokens)
