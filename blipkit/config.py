@@ -155,7 +155,11 @@ def _build(cls: type, data: Any, path: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping of options, got {value!r}")
             kwargs[key] = dict(value)
-        elif key in _NESTED and (isinstance(value, dict) or value is None):
+        elif key in _NESTED:
+            if isinstance(value, str) and "name" in _NESTED[key].__dataclass_fields__:
+                value = {"name": value}
+            if value is None and getattr(defaults, key) is not None:
+                raise ConfigError(f"{where}: cannot be empty; set its keys or remove it with ~{where}")
             kwargs[key] = _build(_NESTED[key], value, where)
         else:
             kwargs[key] = _coerce(getattr(defaults, key), value, where)
@@ -185,8 +189,6 @@ def _coerce(default: Any, value: Any, where: str) -> Any:
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
             return type(default)(value)
-    else:
-        return value
     raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
 
 
@@ -229,9 +231,15 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

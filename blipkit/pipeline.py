@@ -87,7 +87,7 @@ class VisionLanguageModel(nn.Module):
         tokens = self._batch_tokens(batch)
         mask = batch.get("image_mask")
         if objective == "stage1":
-            return self.bridge.stage1_loss(tokens, batch["bridge_text"], image_mask=mask)
+            return self.bridge.stage1_loss(tokens, batch["bridge_text"], image_mask=mask, image_ids=batch.get("image_keys"))
         prefix, aux = self.prefix(tokens, mask)
         lm_loss = self.llm.loss(prefix, batch["lm"].to(self.device))
         return {"loss": lm_loss + aux, "lm": lm_loss.detach(), "aux": aux.detach()}
@@ -113,9 +113,18 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, images: Sequence[ImageInput] | torch.Tensor, prompts: list[str], **generation: Any) -> list[str]:
         """Text after each image's visual prefix and its prompt."""
-        tokens = self.image_tokens(self.pixel_values(images))
-        prefix, _ = self.prefix(tokens.float())
-        return self.llm.generate(prefix, prompts, **generation)
+        return self.generate_from_tokens(self.image_tokens(self.pixel_values(images)), prompts, **generation)
+
+    @torch.no_grad()
+    def generate_from_tokens(self, image_tokens: torch.Tensor, prompts: list[str], **generation: Any) -> list[str]:
+        """Text after the visual prefix of precomputed encoder tokens [B, N, D] and each prompt."""
+        was_training = self.training
+        self.eval()
+        try:
+            prefix, _ = self.prefix(image_tokens.to(self.device, torch.float32))
+            return self.llm.generate(prefix, prompts, **generation)
+        finally:
+            self.train(was_training)
 
     def generation_defaults(self) -> dict[str, Any]:
         """The recipe's caption generation settings as keyword arguments."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,7 +10,12 @@ import torch
 
 from blipkit.data.sample import Sample
 
-__all__ = ["Collator", "sample_prompt"]
+__all__ = ["Collator", "sample_prompt", "stable_id"]
+
+
+def stable_id(image_id: str) -> int:
+    """An integer for ``image_id`` that is the same in every process (for ITC positives across ranks)."""
+    return int(hashlib.sha1(image_id.encode()).hexdigest()[:15], 16)
 
 
 def sample_prompt(sample: Sample, caption_prompt: str, vqa_prompt: Callable[[str], str]) -> str:
@@ -55,6 +61,7 @@ class Collator:
         else:
             batch["pixel_values"] = torch.stack([self.preprocess(s.image) for s in kept])
         batch["image_ids"] = [s.image_id for s in kept]
+        batch["image_keys"] = torch.tensor([stable_id(s.image_id) for s in kept], dtype=torch.long)
         if self.stage == "stage1":
             batch["bridge_text"] = self.bridge_tokenize([s.text for s in kept], max_length=self.max_text_length)
         else:

@@ -1,0 +1,147 @@
+"""Run a model over a dataset split and score it: captions (COCO metrics, shapes accuracy) and VQA accuracy."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blipkit.errors import DataError
+from blipkit.io import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:
+    from blipkit.pipeline import VisionLanguageModel
+
+__all__ = ["EvalResult", "evaluate", "write_results"]
+
+TASKS = ("caption", "vqa")
+
+
+@dataclass
+class EvalResult:
+    """Predictions (one dict per image or question) and scores of one task."""
+
+    task: str
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    scores: dict[str, Any] = field(default_factory=dict)
+
+
+def _batches(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def evaluate(
+    model: VisionLanguageModel,
+    dataset: Any,
+    task: str,
+    batch_size: int = 16,
+    generation: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Generate for every caption image or VQA question of ``dataset`` and score the results.
+
+    Captions: one per distinct image, scored against all of that image's reference captions (BLEU,
+    ROUGE-L, CIDEr) and, for synthetic shapes, by whether they name the drawn colours and shapes.
+    VQA: one answer per question, scored with the official VQA accuracy. ``dataset`` may be a
+    feature-cached view (its samples then carry encoder tokens instead of images).
+    """
+    if task not in TASKS:
+        raise DataError(f"unknown evaluation task '{task}'; use one of: {', '.join(TASKS)}")
+    indices = [i for i, record in enumerate(dataset.records) if record.task == task]
+    if not indices:
+        raise DataError(f"dataset '{dataset.name}' has no {task} samples to evaluate")
+    if task == "caption":
+        return _evaluate_captions(model, dataset, indices, batch_size, generation or {}, progress)
+    return _evaluate_vqa(model, dataset, indices, batch_size, generation or {}, progress)
+
+
+def _inputs(model: VisionLanguageModel, samples: list[Any]) -> Any:
+    import torch
+
+    if all(s.image_tokens is not None for s in samples):
+        return torch.stack([s.image_tokens for s in samples])
+    return model.image_tokens(model.pixel_values([s.image for s in samples]))
+
+
+def _evaluate_captions(
+    model: VisionLanguageModel, dataset: Any, indices: list[int], batch_size: int,
+    generation: dict[str, Any], progress: Callable[[int], None] | None,
+) -> EvalResult:
+    references: dict[str, list[str]] = {}
+    first: dict[str, int] = {}
+    for index in indices:
+        record = dataset.records[index]
+        references.setdefault(record.image_id, []).append(record.text)
+        first.setdefault(record.image_id, index)
+    result = EvalResult("caption")
+    settings = {**model.generation_defaults(), **generation}
+    prompt = model.recipe.data.caption_prompt
+    for chunk in _batches(list(first.values()), batch_size):
+        samples = [s for s in (dataset[i] for i in chunk) if s is not None]
+        if samples:
+            captions = model.generate_from_tokens(_inputs(model, samples), [prompt] * len(samples), **settings)
+            for sample, caption in zip(samples, captions):
+                result.predictions.append(
+                    {"image_id": sample.image_id, "caption": caption, "references": references[sample.image_id],
+                     **({"objects": sample.meta["objects"]} if "objects" in sample.meta else {})}
+                )
+        if progress is not None:
+            progress(len(chunk))
+    if not result.predictions:
+        raise DataError(f"no image of dataset '{dataset.name}' could be read; nothing to score")
+    from blipkit.eval.captions import caption_scores
+    from blipkit.eval.shapes import shapes_caption_accuracy
+
+    predictions = {p["image_id"]: p["caption"] for p in result.predictions}
+    result.scores = caption_scores(predictions, {k: references[k] for k in predictions})
+    with_objects = [p for p in result.predictions if "objects" in p]
+    if with_objects:
+        shapes = shapes_caption_accuracy([p["caption"] for p in with_objects], [p["objects"] for p in with_objects])
+        result.scores.update({f"shapes_{k}": v for k, v in shapes.items()})
+    return result
+
+
+def _evaluate_vqa(
+    model: VisionLanguageModel, dataset: Any, indices: list[int], batch_size: int,
+    generation: dict[str, Any], progress: Callable[[int], None] | None,
+) -> EvalResult:
+    from blipkit.eval.vqa import vqa_scores
+
+    result = EvalResult("vqa")
+    settings = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, **generation}
+    for chunk in _batches(indices, batch_size):
+        samples = [s for s in (dataset[i] for i in chunk) if s is not None]
+        if samples:
+            prompts = [model.vqa_prompt(s.question or "") for s in samples]
+            answers = model.generate_from_tokens(_inputs(model, samples), prompts, **settings)
+            for sample, answer in zip(samples, answers):
+                result.predictions.append(
+                    {"image_id": sample.image_id, "question": sample.question, "answer": answer,
+                     "answers": sample.answers or [sample.text],
+                     **({"question_id": sample.meta["question_id"]} if "question_id" in sample.meta else {}),
+                     **({"answer_type": sample.meta["answer_type"]} if "answer_type" in sample.meta else {})}
+                )
+        if progress is not None:
+            progress(len(chunk))
+    if not result.predictions:
+        raise DataError(f"no image of dataset '{dataset.name}' could be read; nothing to score")
+    types = [p.get("answer_type") for p in result.predictions]
+    result.scores = vqa_scores(
+        [p["answer"] for p in result.predictions],
+        [p["answers"] for p in result.predictions],
+        types if all(t is not None for t in types) else None,
+    )
+    return result
+
+
+def write_results(result: EvalResult, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``<task>_predictions.jsonl`` and ``<task>_scores.json`` into ``out_dir`` atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions = out_dir / f"{result.task}_predictions.jsonl"
+    with atomic_path(predictions) as tmp:
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
+    scores = out_dir / f"{result.task}_scores.json"
+    atomic_write_json(scores, result.scores)
+    return predictions, scores
