@@ -225,3 +225,46 @@ def register_datasets(register: Any) -> None:
         available=True,
         matches=lambda name: name == "shapes",
     )
+
+
+def export_shapes(out_dir: str, split: str = "test", num_images: int = 8, image_size: int = 224, seed: int = 0) -> int:
+    """Write ``num_images`` shapes images of ``split`` as PNG files plus ``metadata.jsonl`` (imagefolder format)."""
+    import json
+    from pathlib import Path
+
+    from blipkit.io import atomic_path, atomic_write_text
+
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in SPLITS:
+        raise ConfigError(f"shapes: unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for number, spec in enumerate(make_specs(split, num_images, seed)):
+        name = f"{split}-{number:04d}.png"
+        with atomic_path(folder / name) as tmp:
+            render(spec, image_size).save(tmp, format="PNG")
+        lines.append(json.dumps({"file_name": name, "text": spec.caption()}))
+    atomic_write_text(folder / "metadata.jsonl", "".join(f"{line}\n" for line in lines))
+    return len(lines)
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    """Add ``blipkit shapes``: write synthetic shapes images to a folder."""
+    import click
+
+    @cli.command("shapes")
+    @click.argument("out_dir", type=click.Path(file_okay=False))
+    @click.option("--split", default="test", show_default=True, help="train, validation or test.")
+    @click.option("--num-images", "-n", default=8, show_default=True, type=click.IntRange(min=1))
+    @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=16))
+    @click.option("--seed", default=0, show_default=True)
+    def shapes_command(out_dir: str, split: str, num_images: int, image_size: int, seed: int) -> None:
+        """Write synthetic shapes images and their captions (metadata.jsonl) to OUT_DIR.
+
+        The folder is an imagefolder dataset (blipkit train --data OUT_DIR) and a set of pictures to try a
+        trained model on (blipkit caption OUT_DIR).
+        """
+        count = export_shapes(out_dir, split, num_images, image_size, seed)
+        click.echo(f"Wrote {count} {split} images and metadata.jsonl to {out_dir}")

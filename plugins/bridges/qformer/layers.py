@@ -1,0 +1,142 @@
+"""Q-Former building blocks: BERT-style attention and feed-forward blocks, and a layer that splits
+query positions from text positions (separate FFNs; only queries cross-attend to the image)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Turn a keep mask (1/True = attend) into an additive mask: 0 where kept, the dtype's minimum elsewhere."""
+    keep = keep.to(torch.bool)
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class Attention(nn.Module):
+    """Multi-head attention followed by BERT's output block (dense, dropout, residual LayerNorm).
+
+    Keys and values come from ``kv_dim``-wide states: the hidden states for self-attention, the image
+    tokens for cross-attention.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, kv_dim: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not a multiple of {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(kv_dim, hidden_size)
+        self.value = nn.Linear(kv_dim, hidden_size)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.attention_dropout = dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, states: torch.Tensor) -> KeyValue:
+        """Keys and values [B, heads, S, head_dim] of ``states`` [B, S, kv_dim]."""
+        return self._heads(self.key(states)), self._heads(self.value(states))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        kv: KeyValue,
+        mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend from ``hidden`` [B, L, H] to ``kv``; ``mask`` is additive, broadcastable to [B, heads, L, S]."""
+        q = self._heads(self.query(hidden))
+        k, v = kv
+        p = self.attention_dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(dim=-1)
+            context = F.dropout(weights, p=p, training=self.training) @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        context = context.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
+        return self.norm(self.dropout(self.dense(context)) + hidden), weights
+
+
+class FeedForward(nn.Module):
+    """BERT's intermediate + output block: Linear, GELU, Linear, dropout, residual LayerNorm."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden_size, intermediate_size)
+        self.down = nn.Linear(intermediate_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block to ``x`` [..., H]."""
+        return self.norm(self.dropout(self.down(F.gelu(self.up(x)))) + x)
+
+
+class QFormerLayer(nn.Module):
+    """One Q-Former layer over [queries | text]: shared self-attention, cross-attention for the query
+    positions only (in cross-attention layers), then ``ffn_query`` on queries and ``ffn`` on text."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        input_dim: int,
+        has_cross_attention: bool,
+        dropout: float,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.self_attn = Attention(hidden_size, num_heads, hidden_size, dropout, eps)
+        self.cross_attn = (
+            Attention(hidden_size, num_heads, input_dim, dropout, eps) if has_cross_attention else None
+        )
+        self.ffn = FeedForward(hidden_size, intermediate_size, dropout, eps)
+        self.ffn_query = FeedForward(hidden_size, intermediate_size, dropout, eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        num_queries: int,
+        self_mask: torch.Tensor | None = None,
+        past_kv: KeyValue | None = None,
+        image_kv: KeyValue | None = None,
+        image_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, KeyValue, torch.Tensor | None]:
+        """Run the layer; returns (hidden, this pass's self-attention keys/values, cross-attention weights).
+
+        The first ``num_queries`` positions of ``hidden`` are queries. ``past_kv`` (cached keys/values of
+        an earlier pass) is prepended to the self-attention keys/values.
+        """
+        k, v = self.self_attn.project_kv(hidden)
+        present = (k, v)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        attended, _ = self.self_attn(hidden, (k, v), self_mask)
+        cross_weights = None
+        if num_queries == 0:
+            return self.ffn(attended), present, None
+        queries = attended[:, :num_queries]
+        if self.cross_attn is not None:
+            if image_kv is None:
+                raise ValueError("a cross-attention layer needs image keys/values")
+            queries, cross_weights = self.cross_attn(queries, image_kv, image_mask, need_weights)
+        out = self.ffn_query(queries)
+        if attended.shape[1] > num_queries:
+            out = torch.cat([out, self.ffn(attended[:, num_queries:])], dim=1)
+        return out, present, cross_weights

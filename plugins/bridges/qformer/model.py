@@ -1,0 +1,389 @@
+"""The BLIP-2 Q-Former bridge: learned queries that read frozen image tokens through cross-attention,
+with a BERT text branch for the stage-1 objectives (ITC, ITM, ITG)."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blipkit.errors import ConfigError, DataError
+from blipkit.interfaces import Bridge, BridgeOutput
+from blipkit.io import atomic_path, load_safetensors, read_json
+
+from .init import MINILM, bert_state_for, build_tokenizer, init_bert_style, resolve_init
+from .layers import KeyValue, QFormerLayer, additive_mask
+
+TokenizedText = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class QueryPass:
+    """The query-only pass over one batch of images, kept for reuse by the stage-1 objectives."""
+
+    hidden: torch.Tensor
+    past: list[KeyValue]
+    image_kv: list[KeyValue | None]
+    image_mask: torch.Tensor | None
+    attentions: tuple[torch.Tensor, ...] | None
+
+
+@contextlib.contextmanager
+def fp32(device: torch.device) -> Iterator[None]:
+    """Run the block with autocast off: the Q-Former computes in fp32 whatever the caller's autocast."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+class LMHead(nn.Module):
+    """BERT's prediction head: dense, GELU, LayerNorm, then a decoder tied to the word embeddings."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits [..., vocab] for ``hidden`` [..., H]."""
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), word_embeddings, self.bias)
+
+
+class TextEmbeddings(nn.Module):
+    """Word + absolute position embeddings (no token types), LayerNorm and dropout; queries share the
+    LayerNorm and dropout but take no position embedding."""
+
+    def __init__(
+        self, vocab_size: int, hidden_size: int, max_positions: int, pad_id: int, dropout: float, eps: float
+    ) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, hidden_size, padding_idx=pad_id)
+        self.position = nn.Embedding(max_positions, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: torch.Tensor | None = None, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed [queries | text] -> [B, Q + T, H]."""
+        parts = [] if queries is None else [queries]
+        if input_ids is not None:
+            if input_ids.shape[1] > self.position.num_embeddings:
+                raise DataError(
+                    f"text of {input_ids.shape[1]} tokens exceeds the Q-Former's {self.position.num_embeddings} "
+                    "positions; tokenize with a smaller max_length"
+                )
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            parts.append(self.word(input_ids) + self.position(positions))
+        return self.dropout(self.norm(torch.cat(parts, dim=1)))
+
+
+class QFormer(Bridge):
+    """BLIP-2's Querying Transformer (LAVIS-faithful), usable as a bridge and trainable in stage 1.
+
+    ``forward`` maps encoder tokens [B, N, input_dim] to query outputs [B, num_queries, hidden_size].
+    ``init`` picks the starting weights: "bert-base-uncased" (hub), "minilm" (offline package), a local
+    BERT directory, or None/"random". With a BERT, layer count and widths come from its config.
+    ``tokenizer``: None (the init BERT's, or "minilm" for a random init), "minilm", "char", a directory
+    or a hub id; [DEC] is added as bos. ``config`` records the final sizes with ``init=None``, so a
+    saved Q-Former reloads without the BERT.
+    """
+
+    supports_stage1 = True
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_queries: int = 32,
+        num_layers: int = 12,
+        hidden_size: int = 768,
+        num_heads: int = 12,
+        intermediate_size: int = 3072,
+        cross_attention_freq: int = 2,
+        dropout: float = 0.1,
+        init: str | None = None,
+        tokenizer: str | None = None,
+        embed_dim: int = 256,
+        max_position_embeddings: int = 512,
+        layer_norm_eps: float = 1e-12,
+        vision_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if cross_attention_freq < 1:
+            raise ConfigError(f"cross_attention_freq must be >= 1, got {cross_attention_freq}")
+        source = resolve_init(init)
+        if source is not None:
+            sizes = source.sizes()
+            num_layers, hidden_size, num_heads = sizes["num_layers"], sizes["hidden_size"], sizes["num_heads"]
+            intermediate_size = sizes["intermediate_size"]
+            max_position_embeddings, layer_norm_eps = sizes["max_position_embeddings"], sizes["layer_norm_eps"]
+            if tokenizer is None:
+                tokenizer = source.tokenizer_spec
+        if hidden_size % num_heads:
+            raise ConfigError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+        tokenizer = MINILM if tokenizer is None else tokenizer
+        self.tokenizer = build_tokenizer(tokenizer)
+        vocab_size = len(self.tokenizer)
+
+        self.input_dim = input_dim
+        self.num_queries = num_queries
+        self.output_dim = hidden_size
+        self.hidden_size = hidden_size
+        self.config: dict[str, Any] = {
+            "input_dim": input_dim,
+            "num_queries": num_queries,
+            "num_layers": num_layers,
+            "hidden_size": hidden_size,
+            "num_heads": num_heads,
+            "intermediate_size": intermediate_size,
+            "cross_attention_freq": cross_attention_freq,
+            "dropout": dropout,
+            "init": None,
+            "tokenizer": tokenizer,
+            "embed_dim": embed_dim,
+            "max_position_embeddings": max_position_embeddings,
+            "layer_norm_eps": layer_norm_eps,
+            "vision_norm_eps": vision_norm_eps,
+        }
+
+        self.ln_vision = nn.LayerNorm(input_dim, eps=vision_norm_eps)
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, hidden_size))
+        self.embeddings = TextEmbeddings(
+            vocab_size, hidden_size, max_position_embeddings, self.tokenizer.pad_token_id, dropout, layer_norm_eps
+        )
+        self.layers = nn.ModuleList(
+            QFormerLayer(
+                hidden_size,
+                num_heads,
+                intermediate_size,
+                input_dim,
+                has_cross_attention=i % cross_attention_freq == 0,
+                dropout=dropout,
+                eps=layer_norm_eps,
+            )
+            for i in range(num_layers)
+        )
+        self.lm_head = LMHead(hidden_size, vocab_size, layer_norm_eps)
+        self.vision_proj = nn.Linear(hidden_size, embed_dim)
+        self.text_proj = nn.Linear(hidden_size, embed_dim)
+        self.itm_head = nn.Linear(hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+        init_bert_style(self)
+        nn.init.normal_(self.query_tokens, std=0.02)
+        if source is not None:
+            result = self.load_state_dict(bert_state_for(source, vocab_size, self.state_dict()), strict=False)
+            new_parts = (".cross_attn.", ".ffn_query.")
+            if any(k.startswith("layers.") and not any(p in k for p in new_parts) for k in result.missing_keys):
+                raise ConfigError(f"init: {init} is missing BERT encoder weights; pass a complete BERT checkpoint")
+        self.copy_text_ffn_to_query_ffn()
+
+    @torch.no_grad()
+    def copy_text_ffn_to_query_ffn(self) -> None:
+        """Initialise each layer's query FFN as a copy of its text FFN (LAVIS's init)."""
+        for layer in self.layers:
+            layer.ffn_query.load_state_dict(layer.ffn.state_dict())
+
+    @property
+    def cross_attention_layers(self) -> list[int]:
+        """Indices of the layers that cross-attend to the image."""
+        return [i for i, layer in enumerate(self.layers) if layer.cross_attn is not None]
+
+    # ---- passes ----------------------------------------------------------------------------------
+
+    def _run(
+        self,
+        hidden: torch.Tensor,
+        num_queries: int,
+        self_mask: torch.Tensor | None,
+        past: Sequence[KeyValue] | None = None,
+        image_kv: Sequence[KeyValue | None] | None = None,
+        image_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, list[KeyValue], list[torch.Tensor]]:
+        presents: list[KeyValue] = []
+        weights: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            hidden, present, cross = layer(
+                hidden,
+                num_queries,
+                self_mask,
+                past[i] if past is not None else None,
+                image_kv[i] if image_kv is not None else None,
+                image_mask,
+                need_weights,
+            )
+            presents.append(present)
+            if cross is not None:
+                weights.append(cross)
+        return hidden, presents, weights
+
+    def project_image(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, list[KeyValue | None]]:
+        """ln_vision over encoder tokens, and every cross-attention layer's keys/values for them."""
+        image = self.ln_vision(image_tokens.float())
+        kv = [layer.cross_attn.project_kv(image) if layer.cross_attn is not None else None for layer in self.layers]
+        return image, kv
+
+    @staticmethod
+    def image_additive_mask(image_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Encoder-token keep mask [B, N] -> additive mask [B, 1, 1, N]."""
+        return None if image_mask is None else additive_mask(image_mask)[:, None, None, :]
+
+    def query_pass(
+        self,
+        image_kv: Sequence[KeyValue | None],
+        image_mask: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> QueryPass:
+        """Queries only, cross-attending to projected image tokens (``image_mask`` additive or None)."""
+        batch = next(kv[0].shape[0] for kv in image_kv if kv is not None)
+        hidden = self.embeddings(queries=self.query_tokens.expand(batch, -1, -1))
+        hidden, past, weights = self._run(hidden, self.num_queries, None, None, image_kv, image_mask, output_attentions)
+        return QueryPass(hidden, past, list(image_kv), image_mask, tuple(weights) if output_attentions else None)
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> BridgeOutput:
+        """Encoder tokens [B, N, input_dim] (mask [B, N], 1 = keep) -> queries [B, Q, H] in fp32;
+        with ``output_attentions``, one [B, heads, Q, N] cross-attention map per cross-attention layer."""
+        with fp32(image_tokens.device):
+            _, kv = self.project_image(image_tokens)
+            out = self.query_pass(kv, self.image_additive_mask(image_mask), output_attentions)
+        return BridgeOutput(queries=out.hidden, attentions=out.attentions)
+
+    def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text only, bidirectional over non-pad tokens -> [B, T, H] (position 0 is [CLS])."""
+        hidden = self.embeddings(input_ids=input_ids)
+        mask = additive_mask(attention_mask)[:, None, None, :]
+        return self._run(hidden, 0, mask)[0]
+
+    def pair_pass(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_kv: Sequence[KeyValue | None],
+        image_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """[queries | text] with bidirectional self-attention, queries cross-attending -> [B, Q + T, H]."""
+        batch = input_ids.shape[0]
+        hidden = self.embeddings(queries=self.query_tokens.expand(batch, -1, -1), input_ids=input_ids)
+        keep = torch.cat([attention_mask.new_ones(batch, self.num_queries), attention_mask], dim=1)
+        return self._run(hidden, self.num_queries, additive_mask(keep)[:, None, None, :], None, image_kv, image_mask)[0]
+
+    def decoder_pass(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: Sequence[KeyValue]
+    ) -> torch.Tensor:
+        """Text after a query pass: each token sees all queries (through their cached keys/values) and
+        the text up to itself; queries never see text. -> [B, T, H]."""
+        batch, length = input_ids.shape
+        hidden = self.embeddings(input_ids=input_ids)
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        text_keep = causal[None] & attention_mask.bool()[:, None, :]
+        query_keep = text_keep.new_ones(batch, length, past[0][0].shape[2])
+        mask = additive_mask(torch.cat([query_keep, text_keep], dim=2))[:, None]
+        return self._run(hidden, 0, mask, past)[0]
+
+    # ---- text and inference helpers ----------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], max_length: int = 32) -> dict[str, torch.Tensor]:
+        """Stage-1 text -> {input_ids, attention_mask} [B, T], padded to the longest, truncated."""
+        if isinstance(texts, str):
+            texts = [texts]
+        encoded = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        device = self.query_tokens.device
+        return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+
+    def as_tokenized(self, text: Sequence[str] | TokenizedText) -> dict[str, torch.Tensor]:
+        """Accept raw strings or an already tokenized batch."""
+        if isinstance(text, Mapping):
+            ids = text["input_ids"].to(self.query_tokens.device)
+            mask = text.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
+            return {"input_ids": ids, "attention_mask": mask}
+        return self.tokenize(text)
+
+    def image_embeds(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised query features in ITC space [B, Q, embed_dim]."""
+        with fp32(image_tokens.device):
+            return F.normalize(self.vision_proj(self(image_tokens, image_mask).queries), dim=-1)
+
+    def text_embeds(self, text: Sequence[str] | TokenizedText) -> torch.Tensor:
+        """L2-normalised [CLS] features in ITC space [B, embed_dim]."""
+        tokens = self.as_tokenized(text)
+        with fp32(tokens["input_ids"].device):
+            hidden = self.text_pass(tokens["input_ids"], tokens["attention_mask"])
+            return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    @staticmethod
+    def similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """ITC similarity [B_img, B_txt]: the best-matching query's cosine, without temperature."""
+        return torch.einsum("iqe,te->itq", image_embeds, text_embeds).amax(dim=-1)
+
+    def itm_logits(
+        self, image_tokens: torch.Tensor, text: Sequence[str] | TokenizedText, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Match/no-match logits [B, 2] for row-aligned image-text pairs, averaged over queries."""
+        tokens = self.as_tokenized(text)
+        with fp32(image_tokens.device):
+            _, kv = self.project_image(image_tokens)
+            mask = self.image_additive_mask(image_mask)
+            hidden = self.pair_pass(tokens["input_ids"], tokens["attention_mask"], kv, mask)
+            return self.itm_head(hidden[:, : self.num_queries]).mean(dim=1)
+
+    def itm_score(
+        self, image_tokens: torch.Tensor, text: Sequence[str] | TokenizedText, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The "match" logit [B] of row-aligned pairs, averaged over queries (LAVIS's compute_itm)."""
+        return self.itm_logits(image_tokens, text, image_mask)[:, 1]
+
+    def stage1_loss(
+        self,
+        image_tokens: torch.Tensor,
+        text: Sequence[str] | TokenizedText,
+        image_mask: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """BLIP-2 stage 1: {loss = itc + itm + itg, itc, itm, itg, itm_acc}. ``image_ids`` [B] marks
+        captions of the same image as positives for ITC and keeps them out of the ITM negatives."""
+        from .objectives import stage1_losses
+
+        tokens = self.as_tokenized(text)
+        with fp32(image_tokens.device):
+            return stage1_losses(self, image_tokens, tokens, image_mask, image_ids)
+
+    # ---- persistence ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json, model.safetensors and the tokenizer files into ``path``."""
+        super().save_pretrained(path)
+        path = Path(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            for file in sorted(Path(tmp).iterdir()):
+                with atomic_path(path / file.name) as target:
+                    target.write_bytes(file.read_bytes())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> QFormer:
+        """Rebuild a Q-Former saved by ``save_pretrained`` (weights, config and tokenizer from ``path``)."""
+        path = Path(path)
+        config = read_json(path / "config.json")
+        config.pop("class", None)
+        spec = config.get("tokenizer")
+        model = cls(**{**config, "init": None, "tokenizer": str(path)})
+        model.config["tokenizer"] = spec
+        model.load_state_dict(load_safetensors(path / "model.safetensors"), strict=True)
+        return model
+
+
+__all__ = ["QFormer", "QueryPass"]

@@ -1,0 +1,186 @@
+"""BLIP-2 stage-1 objectives on a Q-Former: image-text contrastive (ITC), image-text matching with
+hard negatives (ITM) and image-grounded text generation (ITG), with negatives from every rank."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from blipkit.errors import DataError
+
+from .layers import KeyValue, additive_mask
+
+if TYPE_CHECKING:
+    from .model import QFormer, QueryPass
+
+LABEL_SMOOTHING = 0.1
+TEMP_RANGE = (0.001, 0.5)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0; gradient flows back to this rank's slice only."""
+    rank, size = world()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+def gather_padded(x: torch.Tensor, pad_value: int) -> torch.Tensor:
+    """Gather [B, T] tensors whose T differs across ranks, right-padding each to the longest."""
+    _, size = world()
+    if size == 1:
+        return x
+    length = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    x = F.pad(x, (0, int(length.item()) - x.shape[1]), value=pad_value)
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def positive_mask(batch: int, image_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """[B, world * B] True where a local sample and a gathered one form a positive pair: itself, and
+    with ``image_ids`` every sample of the same image."""
+    rank, size = world()
+    columns = torch.arange(batch * size, device=device)
+    positives = columns[None, :] == (rank * batch + torch.arange(batch, device=device))[:, None]
+    if image_ids is not None:
+        ids = image_ids.to(device).view(-1)
+        positives = positives | (ids[:, None] == gather_padded(ids[:, None], 0).view(-1)[None, :])
+    return positives
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """One negative column per row, drawn from softmax(sim) with positives excluded.
+
+    A row whose every column is a positive (all captions of one image) falls back to excluding only
+    the pair itself, so that a different sample is always drawn.
+    """
+    if sim.shape[1] < 2:
+        raise DataError("stage-1 ITM needs at least 2 image-text pairs per batch; raise the batch size")
+    rank, _ = world()
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    identity = torch.zeros_like(positives)
+    identity[rows, rank * sim.shape[0] + rows] = True
+    blocked = torch.where(positives.all(dim=1, keepdim=True), identity, positives)
+    weights = sim.float().masked_fill(blocked, float("-inf")).softmax(dim=1)
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+def _itc(
+    model: QFormer, image_feats: torch.Tensor, text_feat: torch.Tensor, positives: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    image_all = gather_with_local_grad(image_feats)
+    text_all = gather_with_local_grad(text_feat)
+    with torch.no_grad():
+        model.temp.clamp_(*TEMP_RANGE)
+    sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_all).amax(dim=-1) / model.temp
+    sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_all).amax(dim=-1) / model.temp
+    targets = positives.float() / positives.sum(dim=1, keepdim=True)
+    targets = (1 - LABEL_SMOOTHING) * targets + LABEL_SMOOTHING / targets.shape[1]
+    loss = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_t2i, targets)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+def _negative_image_kv(
+    model: QFormer,
+    image: torch.Tensor,
+    queries: QueryPass,
+    image_keep: torch.Tensor | None,
+    negatives: torch.Tensor,
+) -> tuple[list[KeyValue | None], torch.Tensor | None]:
+    """Cross-attention keys/values (and keep mask) of the negative images. On one rank they are rows
+    of the query pass's own keys/values, so no image is projected twice."""
+    _, size = world()
+    if size == 1:
+        kv = [None if pair is None else (pair[0][negatives], pair[1][negatives]) for pair in queries.image_kv]
+        return kv, None if image_keep is None else image_keep[negatives]
+    image_all = gather_with_local_grad(image)
+    chosen = image_all[negatives]
+    kv = [None if layer.cross_attn is None else layer.cross_attn.project_kv(chosen) for layer in model.layers]
+    keep = None if image_keep is None else gather_padded(image_keep, 0)[negatives]
+    return kv, keep
+
+
+def _itm(
+    model: QFormer,
+    image: torch.Tensor,
+    queries: QueryPass,
+    image_keep: torch.Tensor | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    positives: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rank, _ = world()
+    batch = ids.shape[0]
+    neg_image = sample_hard_negatives(sim_t2i, positives)
+    neg_text = sample_hard_negatives(sim_i2t, positives)
+    ids_all = gather_padded(ids, model.tokenizer.pad_token_id)
+    mask_all = gather_padded(mask, 0)
+    local = slice(rank * batch, (rank + 1) * batch)
+    ids, mask = ids_all[local], mask_all[local]
+    text_ids = torch.cat([ids, ids, ids_all[neg_text]], dim=0)
+    text_mask = torch.cat([mask, mask, mask_all[neg_text]], dim=0)
+
+    neg_kv, neg_keep = _negative_image_kv(model, image, queries, image_keep, neg_image)
+    kv = [
+        None if pos is None else tuple(torch.cat([p, n, p], dim=0) for p, n in zip(pos, neg, strict=True))
+        for pos, neg in zip(queries.image_kv, neg_kv, strict=True)
+    ]
+    keep = None if image_keep is None else torch.cat([image_keep, neg_keep, image_keep], dim=0)
+    hidden = model.pair_pass(text_ids, text_mask, kv, model.image_additive_mask(keep))
+    logits = model.itm_head(hidden[:, : model.num_queries]).mean(dim=1)
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).to(device=logits.device, dtype=torch.long)
+    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+    return F.cross_entropy(logits, labels), accuracy.detach()
+
+
+def _itg(model: QFormer, queries: QueryPass, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    decoder_ids = ids.clone()
+    decoder_ids[:, 0] = model.tokenizer.bos_token_id
+    labels = decoder_ids.masked_fill(mask == 0, -100)
+    hidden = model.decoder_pass(decoder_ids, mask, queries.past)
+    logits = model.lm_head(hidden[:, :-1], model.embeddings.word.weight)
+    return F.cross_entropy(
+        logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=LABEL_SMOOTHING
+    )
+
+
+def stage1_losses(
+    model: QFormer,
+    image_tokens: torch.Tensor,
+    tokens: dict[str, torch.Tensor],
+    image_mask: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """ITC + ITM + ITG on one batch of encoder tokens and tokenized captions (row-aligned)."""
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    if ids.shape[0] != image_tokens.shape[0]:
+        raise DataError(f"stage 1 got {image_tokens.shape[0]} images but {ids.shape[0]} captions; pair them one to one")
+    image, image_kv = model.project_image(image_tokens)
+    image_keep = None if image_mask is None else image_mask.to(torch.bool)
+    queries = model.query_pass(image_kv, None if image_keep is None else additive_mask(image_keep)[:, None, None, :])
+
+    image_feats = F.normalize(model.vision_proj(queries.hidden), dim=-1)
+    text_feat = F.normalize(model.text_proj(model.text_pass(ids, mask)[:, 0]), dim=-1)
+    positives = positive_mask(ids.shape[0], image_ids, ids.device)
+    itc, sim_i2t, sim_t2i = _itc(model, image_feats, text_feat, positives)
+    itm, itm_acc = _itm(model, image, queries, image_keep, ids, mask, sim_i2t.detach(), sim_t2i.detach(), positives)
+    itg = _itg(model, queries, ids, mask)
+    return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg, "itm_acc": itm_acc}

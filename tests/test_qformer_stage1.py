@@ -1,0 +1,227 @@
+"""Stage-1 objectives: ITC/ITM/ITG against direct recomputations, masks, hard negatives, training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blipkit.plugins.bridges.qformer import objectives
+from blipkit.plugins.bridges.qformer.layers import additive_mask
+from blipkit.plugins.bridges.qformer.model import QFormer
+
+SIZES = dict(num_queries=4, num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64, max_position_embeddings=64)
+CAPTIONS = [
+    "a red circle on the left", "a blue square", "two green triangles", "a yellow star at the top",
+    "a small purple circle", "an orange square in the corner", "a big blue triangle", "a white star",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread: synchronising two costs more than their matmuls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**overrides) -> QFormer:
+    return QFormer(input_dim=24, tokenizer="char", embed_dim=16, **{**SIZES, **overrides})
+
+
+def _unilm_itg_hidden(
+    model: QFormer, image_tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """ITG the LAVIS-paper way, in one pass over [queries | text] with a multimodal causal mask."""
+    _, kv = model.project_image(image_tokens)
+    batch, length, q = ids.shape[0], ids.shape[1], model.num_queries
+    hidden = model.embeddings(queries=model.query_tokens.expand(batch, -1, -1), input_ids=ids)
+    keep = torch.zeros(batch, q + length, q + length, dtype=torch.bool)
+    keep[:, :q, :q] = True
+    keep[:, q:, :q] = True
+    keep[:, q:, q:] = torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, :]
+    return model._run(hidden, q, additive_mask(keep)[:, None], None, kv)[0][:, q:]
+
+
+def _dec_ids(model: QFormer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = model.tokenize(texts)
+    ids = tokens["input_ids"].clone()
+    ids[:, 0] = model.tokenizer.bos_token_id
+    return ids, tokens["attention_mask"]
+
+
+def test_itg_with_cached_queries_equals_single_multimodal_pass() -> None:
+    model = tiny().eval()
+    image_tokens = torch.randn(3, 7, 24)
+    ids, mask = _dec_ids(model, CAPTIONS[:3])
+    with torch.no_grad():
+        _, kv = model.project_image(image_tokens)
+        cached = model.decoder_pass(ids, mask, model.query_pass(kv, None).past)
+        reference = _unilm_itg_hidden(model, image_tokens, ids, mask)
+    valid = mask.bool()
+    assert (cached[valid] - reference[valid]).abs().max() < 1e-5
+
+
+def test_itg_is_causal_and_sees_the_image() -> None:
+    model = tiny().eval()
+    image_tokens = torch.randn(2, 7, 24)
+    ids, mask = _dec_ids(model, ["abcdefgh", "hgfedcba"])
+    changed = ids.clone()
+    changed[:, 5] = (changed[:, 5] + 3) % len(model.tokenizer)
+    with torch.no_grad():
+        _, kv = model.project_image(image_tokens)
+        past = model.query_pass(kv, None).past
+        before = model.decoder_pass(ids, mask, past)
+        after = model.decoder_pass(changed, mask, past)
+        _, other_kv = model.project_image(torch.randn(2, 7, 24))
+        other_image = model.decoder_pass(ids, mask, model.query_pass(other_kv, None).past)
+    assert (before[:, :5] - after[:, :5]).abs().max() == 0
+    assert (before[:, 5:] - after[:, 5:]).abs().max() > 1e-4
+    assert (before[:, 0] - other_image[:, 0]).abs().max() > 1e-4
+
+
+def test_losses_equal_direct_recomputation(monkeypatch) -> None:
+    model = tiny(dropout=0.0).eval()
+    image_tokens = torch.randn(4, 7, 24)
+    texts = CAPTIONS[:4]
+    drawn: list[torch.Tensor] = []
+    sample = objectives.sample_hard_negatives
+    monkeypatch.setattr(
+        objectives, "sample_hard_negatives", lambda *args: drawn.append(sample(*args)) or drawn[-1]
+    )
+    with torch.no_grad():
+        losses = model.stage1_loss(image_tokens, texts)
+        tokens = model.tokenize(texts)
+
+        sim = model.similarity(model.image_embeds(image_tokens), model.text_embeds(tokens)).double()
+        sim = sim / model.temp.double()
+        target = 0.9 * torch.eye(4, dtype=torch.float64) + 0.1 / 4
+        itc = (-(target * sim.log_softmax(1)).sum(1).mean() - (target * sim.t().log_softmax(1)).sum(1).mean()) / 2
+
+        neg_image, neg_text = drawn
+        pair_images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])
+        pair_texts = {k: torch.cat([v, v, v[neg_text]]) for k, v in tokens.items()}
+        logits = model.itm_logits(pair_images, pair_texts).double()
+        itm = F.cross_entropy(logits, torch.tensor([1] * 4 + [0] * 8))
+
+        ids, mask = _dec_ids(model, texts)
+        hidden = _unilm_itg_hidden(model, image_tokens, ids, mask)
+        log_probs = model.lm_head(hidden[:, :-1], model.embeddings.word.weight).double().log_softmax(-1)
+        labels, valid = ids[:, 1:], mask[:, 1:].bool()
+        nll = -log_probs.gather(-1, labels[..., None]).squeeze(-1)
+        itg = (0.9 * nll - 0.1 * log_probs.mean(-1))[valid].mean()
+    assert abs(losses["itc"].item() - itc.item()) < 1e-5
+    assert abs(losses["itm"].item() - itm.item()) < 1e-5
+    assert abs(losses["itg"].item() - itg.item()) < 1e-5
+    assert abs(losses["loss"].item() - (itc + itm + itg).item()) < 1e-4
+    assert losses["itm_acc"].item() == (logits.argmax(1) == torch.tensor([1] * 4 + [0] * 8)).float().mean().item()
+
+
+def test_hard_negatives_are_never_positives() -> None:
+    generator_state = torch.get_rng_state()
+    image_ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    positives = objectives.positive_mask(8, image_ids, torch.device("cpu"))
+    assert positives.sum().item() == 4 + 1 + 9 + 1 + 1
+    for _ in range(200):
+        sim = torch.randn(8, 8) * 20
+        sim.fill_diagonal_(50.0)  # the positive dominates the softmax
+        negatives = objectives.sample_hard_negatives(sim, positives)
+        assert not positives[torch.arange(8), negatives].any()
+    every = torch.ones(3, 3, dtype=torch.bool)  # all captions of one image: only itself is excluded
+    for _ in range(100):
+        negatives = objectives.sample_hard_negatives(torch.randn(3, 3), every)
+        assert (negatives != torch.arange(3)).all()
+    torch.set_rng_state(generator_state)
+
+
+def test_image_ids_make_same_image_captions_positive_in_itc() -> None:
+    model = tiny(dropout=0.0).eval()
+    image_tokens = torch.randn(4, 7, 24)
+    image_tokens[1] = image_tokens[0]
+    texts = CAPTIONS[:4]
+    ids = torch.tensor([7, 7, 8, 9])
+    with torch.no_grad():
+        losses = model.stage1_loss(image_tokens, texts, image_ids=ids)
+        sim = model.similarity(model.image_embeds(image_tokens), model.text_embeds(texts)).double()
+        sim = sim / model.temp.double()
+    pos = (ids[:, None] == ids[None, :]).double()
+    target = 0.9 * pos / pos.sum(1, keepdim=True) + 0.1 / 4
+    itc = (-(target * sim.log_softmax(1)).sum(1).mean() - (target * sim.t().log_softmax(1)).sum(1).mean()) / 2
+    assert abs(losses["itc"].item() - itc.item()) < 1e-5
+
+
+def test_image_mask_in_stage1() -> None:
+    model = tiny(dropout=0.0).eval()
+    image_tokens = torch.randn(3, 9, 24)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[:, 6:] = 0
+    changed = image_tokens.clone()
+    changed[:, 6:] = torch.randn(3, 3, 24)
+    torch.manual_seed(0)
+    a = model.stage1_loss(image_tokens, CAPTIONS[:3], image_mask=mask)
+    torch.manual_seed(0)
+    b = model.stage1_loss(changed, CAPTIONS[:3], image_mask=mask)
+    for key in ("itc", "itm", "itg"):
+        assert abs(a[key].item() - b[key].item()) < 1e-5
+
+
+def test_overfitting_eight_pairs_lowers_every_loss() -> None:
+    model = tiny().train()
+    images = torch.randn(8, 6, 24)
+    tokens = model.tokenize(CAPTIONS)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    history = []
+    for _ in range(30):
+        losses = model.stage1_loss(images, tokens)
+        assert all(torch.isfinite(v) for v in losses.values())
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        history.append({k: v.item() for k, v in losses.items()})
+    first, last = history[:3], history[-3:]
+    for key in ("loss", "itg"):
+        assert sum(h[key] for h in last) < 0.7 * sum(h[key] for h in first), key
+    for key in ("itc", "itm"):
+        assert sum(h[key] for h in last) < sum(h[key] for h in first), key
+    assert 0.001 <= model.temp.item() <= 0.5
+
+
+def _rank_worker(rank: int, directory: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = tiny(dropout=0.0).eval()
+    images = torch.randn(4, 7, 24)
+    local = slice(2 * rank, 2 * rank + 2)
+    losses = model.stage1_loss(images[local], CAPTIONS[:4][local])
+    losses["itc"].backward()
+    grad = model.text_proj.weight.grad.clone()
+    dist.all_reduce(grad)
+    result = {k: v.item() for k, v in losses.items()}
+    result["grad_norm"] = grad.norm().item()
+    (Path(directory) / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_itc_negatives_are_gathered_across_ranks(tmp_path) -> None:
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    torch.manual_seed(0)
+    model = tiny(dropout=0.0).eval()
+    images = torch.randn(4, 7, 24)
+    full = model.stage1_loss(images, CAPTIONS[:4])
+    assert abs(sum(r["itc"] for r in ranks) / 2 - full["itc"].item()) < 1e-5
+    assert all(torch.isfinite(torch.tensor([r["itm"], r["itg"]])).all() and r["grad_norm"] > 0 for r in ranks)
