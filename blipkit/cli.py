@@ -327,69 +327,14 @@ def recipes_validate(recipe: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"{recipe}: ok")
 
 
-def _resolve_model(model: str | None) -> str:
-    from blipkit.io import cache_dir
+def _add_inference_commands() -> None:
+    from blipkit.cli_infer import COMMANDS
 
-    if model:
-        return model
-    last = cache_dir() / "last-run"
-    if last.exists() and Path(last.read_text().strip()).exists():
-        return last.read_text().strip()
-    raise BlipkitError("no --model given and no finished 'blipkit train' run found; train one with: blipkit train")
+    for command in COMMANDS:
+        cli.add_command(command)
 
 
-def _run_per_image(paths: list[Path], work: Any, quiet: bool) -> list[tuple[Path, Any]]:
-    """Apply ``work`` to each image; unreadable ones are reported on stderr and skipped."""
-    from rich.progress import track
-
-    from blipkit.errors import DataError
-
-    results = []
-    show = not quiet and len(paths) > 1 and sys.stderr.isatty()
-    for path in track(paths, description="images", disable=not show, console=None):
-        try:
-            results.append((path, work(path)))
-        except DataError as err:
-            click.echo(f"Skipped {path}: {one_line(err)}", err=True)
-    return results
-
-
-@cli.command()
-@click.argument("images", nargs=-1, required=True)
-@click.option("--model", "-m", help="Run directory (default: the last 'blipkit train' run).")
-@click.option("--prompt", default=None, help="Text the caption continues (default: the recipe's caption prompt).")
-@click.option("--beams", type=click.IntRange(min=1), default=None, help="Beam width (default 5).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Longest caption in tokens.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON line per image: {image, caption}.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def caption(images: tuple[str, ...], model: str | None, prompt: str | None, beams: int | None,
-            max_new_tokens: int | None, as_json: bool, quiet: bool) -> None:
-    """Caption IMAGES (files, folders or globs) with a trained model."""
-    import blipkit
-    from blipkit.data.images import load_image
-
-    from blipkit.data.images import iter_image_paths
-
-    paths = list(iter_image_paths(images))
-    vlm = blipkit.load(_resolve_model(model))
-    generation = {k: v for k, v in (("num_beams", beams), ("max_new_tokens", max_new_tokens)) if v is not None}
-    for path, text in _run_per_image(paths, lambda p: vlm.caption([load_image(p)], prompt=prompt, **generation)[0], quiet):
-        click.echo(json.dumps({"image": str(path), "caption": text}) if as_json else f"{path}: {text}")
-
-
-@cli.command()
-@click.argument("image")
-@click.argument("question")
-@click.option("--model", "-m", help="Run directory (default: the last 'blipkit train' run).")
-@click.option("--json", "as_json", is_flag=True, help="Print {image, question, answer} as JSON.")
-def ask(image: str, question: str, model: str | None, as_json: bool) -> None:
-    """Answer QUESTION about IMAGE with a trained model."""
-    import blipkit
-    from blipkit.data.images import load_image
-
-    vlm = blipkit.load(_resolve_model(model))
-    answer = vlm.ask([load_image(image)], [question])[0]
-    click.echo(json.dumps({"image": image, "question": question, "answer": answer}) if as_json else answer)
+_add_inference_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,12 @@ def register_recipes(register: Register) -> None:
     """Register YAML recipes: ``register(name, path_to_yaml, description=...)``."""
 
 
+@hookspec(firstresult=True)
+def load_model(path: str) -> Any:
+    """Load a checkpoint that is not a blipkit run directory (e.g. a transformers BLIP-2 model) as a
+    ``blipkit.pipeline.VisionLanguageModel``; return None when ``path`` is not yours."""
+
+
 @hookspec
 def register_commands(cli: Any) -> None:
     """Add click commands to the ``blipkit`` command group ``cli``."""

@@ -154,6 +154,49 @@ class VisionLanguageModel(nn.Module):
         settings = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, **generation}
         return self.generate(images, [self.vqa_prompt(q) for q in questions], **settings)
 
+    def stage1_bridge(self) -> Any:
+        """The bridge, checked to have image-text contrastive and matching heads."""
+        if not (self.bridge.supports_stage1 and hasattr(self.bridge, "image_embeds")):
+            raise BlipkitError(
+                f"bridge '{self.recipe.bridge.name}' has no image-text matching heads; embeddings, ITM scores "
+                "and retrieval need a Q-Former trained with stage 1"
+            )
+        return self.bridge
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
+        """Normalised query features in the image-text contrastive space [B, Q, E]."""
+        bridge = self.stage1_bridge()
+        return bridge.image_embeds(self.image_tokens(self.pixel_values(images)).float())
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Normalised text features in the image-text contrastive space [B, E]."""
+        return self.stage1_bridge().text_embeds(texts)
+
+    @torch.no_grad()
+    def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Image-text contrastive similarity [n_images, n_texts] (best query per pair)."""
+        return self.stage1_bridge().similarity(image_embeds, text_embeds)
+
+    @torch.no_grad()
+    def itm_score(self, images: Sequence[ImageInput] | torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Image-text matching logit of each row-aligned (image, text) pair [B]."""
+        return self.itm_score_tokens(self.image_tokens(self.pixel_values(images)), texts)
+
+    @torch.no_grad()
+    def itm_score_tokens(self, image_tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """``itm_score`` from precomputed encoder tokens."""
+        return self.stage1_bridge().itm_score(image_tokens.float(), texts)
+
+    @torch.no_grad()
+    def cross_attention(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
+        """Each query's attention over the encoder tokens, averaged over layers and heads [B, Q, N]."""
+        out = self.bridge(self.image_tokens(self.pixel_values(images)).float(), output_attentions=True)
+        if not out.attentions:
+            raise BlipkitError(f"bridge '{self.recipe.bridge.name}' has no cross-attention to show")
+        return torch.stack([a.mean(dim=1) for a in out.attentions]).mean(dim=0)
+
     def save(self, path: str | Path) -> Path:
         """Write a run directory (blipkit.json, bridge/, projection/) that ``load_model`` reads."""
         path = Path(path)
@@ -233,13 +276,20 @@ def add_language_model(model: VisionLanguageModel, recipe: Recipe) -> VisionLang
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> VisionLanguageModel:
-    """Load a blipkit run directory written by training or by ``VisionLanguageModel.save``."""
+    """Load a blipkit run directory (written by training or ``save``), or any checkpoint a plugin's
+    ``load_model`` hook recognises (a transformers BLIP-2 directory, for one)."""
     path = Path(path)
     meta_file = path / META_FILE
     if not meta_file.exists():
-        raise BlipkitError(
-            f"{path} is not a blipkit model directory (no {META_FILE}); train one with: blipkit train"
-        )
+        from blipkit.plugin_manager import get_plugin_manager
+
+        model = get_plugin_manager().hook.load_model(path=str(path))
+        if model is None:
+            raise BlipkitError(
+                f"{path} is not a blipkit run directory (no {META_FILE}) nor a checkpoint any plugin can load; "
+                "train one with: blipkit train"
+            )
+        return model.to(device) if device is not None else model
     meta = read_json(meta_file)
     recipe = recipe_from_dict(meta["recipe"])
     regs = _registries()

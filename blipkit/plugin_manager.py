@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "blipkit.plugins.bridges.projectors",
     "blipkit.plugins.datasets.formats",
     "blipkit.plugins.datasets.shapes",
+    "blipkit.plugins.checkpoints.blip2",
     "blipkit.recipes",
 )
 

@@ -135,6 +135,9 @@ class FeatureCache:
     ) -> set[str]:
         import numpy as np
         from datasets import Array2D, Dataset as ArrowDataset, Features, Value
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
 
         items = list(todo.items())
         done_keys: list[str] = []

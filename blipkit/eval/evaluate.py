@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EvalResult", "evaluate", "write_results"]
 
-TASKS = ("caption", "vqa")
+TASKS = ("caption", "vqa", "retrieval")
 
 
 @dataclass
@@ -49,11 +49,14 @@ def evaluate(
     """
     if task not in TASKS:
         raise DataError(f"unknown evaluation task '{task}'; use one of: {', '.join(TASKS)}")
-    indices = [i for i, record in enumerate(dataset.records) if record.task == task]
+    wanted = "caption" if task == "retrieval" else task
+    indices = [i for i, record in enumerate(dataset.records) if record.task == wanted]
     if not indices:
         raise DataError(f"dataset '{dataset.name}' has no {task} samples to evaluate")
     if task == "caption":
         return _evaluate_captions(model, dataset, indices, batch_size, generation or {}, progress)
+    if task == "retrieval":
+        return _evaluate_retrieval(model, dataset, indices, batch_size, progress)
     return _evaluate_vqa(model, dataset, indices, batch_size, generation or {}, progress)
 
 
@@ -133,6 +136,62 @@ def _evaluate_vqa(
         [p["answers"] for p in result.predictions],
         types if all(t is not None for t in types) else None,
     )
+    return result
+
+
+def _evaluate_retrieval(
+    model: VisionLanguageModel, dataset: Any, indices: list[int], batch_size: int,
+    progress: Callable[[int], None] | None, rerank_k: int = 128,
+) -> EvalResult:
+    """Image<->text recall@1/5/10 over the captions: ITC similarity, then ITM re-ranking of the top k."""
+    import torch
+
+    from blipkit.eval.retrieval import rerank_topk, retrieval_recall
+
+    first: dict[str, int] = {}
+    texts: list[str] = []
+    text_image: list[str] = []
+    for index in indices:
+        record = dataset.records[index]
+        first.setdefault(record.image_id, index)
+        texts.append(record.text)
+        text_image.append(record.image_id)
+    bridge = model.stage1_bridge()
+    tokens: dict[str, torch.Tensor] = {}
+    for chunk in _batches(list(first.values()), batch_size):
+        samples = [s for s in (dataset[i] for i in chunk) if s is not None]
+        if samples:
+            for sample, row in zip(samples, _inputs(model, samples).float().cpu()):
+                tokens[sample.image_id] = row
+        if progress is not None:
+            progress(len(chunk))
+    if not tokens:
+        raise DataError(f"no image of dataset '{dataset.name}' could be read; nothing to score")
+    image_ids = list(tokens)
+    keep = [i for i, image_id in enumerate(text_image) if image_id in tokens]
+    texts = [texts[i] for i in keep]
+    row_of = {image_id: row for row, image_id in enumerate(image_ids)}
+    targets = [row_of[text_image[i]] for i in keep]
+    stacked = torch.stack([tokens[i] for i in image_ids])
+    with torch.no_grad():
+        image_embeds = torch.cat([bridge.image_embeds(c.to(model.device)) for c in stacked.split(batch_size)])
+        text_embeds = torch.cat([bridge.text_embeds(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+        itc = model.similarity(image_embeds, text_embeds).cpu()
+
+        def itm_i2t(row: int, candidates: torch.Tensor) -> torch.Tensor:
+            pairs = stacked[row].expand(len(candidates), *stacked.shape[1:]).to(model.device)
+            return model.itm_score_tokens(pairs, [texts[int(c)] for c in candidates]).cpu()
+
+        def itm_t2i(row: int, candidates: torch.Tensor) -> torch.Tensor:
+            return model.itm_score_tokens(stacked[candidates].to(model.device), [texts[row]] * len(candidates)).cpu()
+
+        i2t = rerank_topk(itc, itm_i2t, k=min(rerank_k, itc.shape[1]))
+        t2i = rerank_topk(itc.t().contiguous(), itm_t2i, k=min(rerank_k, itc.shape[0]))
+    result = EvalResult("retrieval")
+    result.scores = retrieval_recall(i2t, targets, similarity_t2i=t2i)
+    result.predictions = [
+        {"image_id": image_id, "best_text": texts[int(i2t[row].argmax())]} for row, image_id in enumerate(image_ids)
+    ]
     return result
 
 

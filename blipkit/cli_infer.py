@@ -1,0 +1,172 @@
+"""Inference commands of the ``blipkit`` CLI: caption, ask, retrieve, attention, eval."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from blipkit.errors import BlipkitError, one_line
+
+def _resolve_model(model: str | None) -> str:
+    from blipkit.io import cache_dir
+
+    if model:
+        return model
+    last = cache_dir() / "last-run"
+    if last.exists() and Path(last.read_text().strip()).exists():
+        return last.read_text().strip()
+    raise BlipkitError("no --model given and no finished 'blipkit train' run found; train one with: blipkit train")
+
+
+def _run_per_image(paths: list[Path], work: Any, quiet: bool) -> list[tuple[Path, Any]]:
+    """Apply ``work`` to each image; unreadable ones are reported on stderr and skipped."""
+    from rich.progress import track
+
+    from blipkit.errors import DataError
+
+    results = []
+    show = not quiet and len(paths) > 1 and sys.stderr.isatty()
+    for path in track(paths, description="images", disable=not show, console=None):
+        try:
+            results.append((path, work(path)))
+        except DataError as err:
+            click.echo(f"Skipped {path}: {one_line(err)}", err=True)
+    return results
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--model", "-m", help="Run directory (default: the last 'blipkit train' run).")
+@click.option("--prompt", default=None, help="Text the caption continues (default: the recipe's caption prompt).")
+@click.option("--beams", type=click.IntRange(min=1), default=None, help="Beam width (default 5).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Longest caption in tokens.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per image: {image, caption}.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def caption(images: tuple[str, ...], model: str | None, prompt: str | None, beams: int | None,
+            max_new_tokens: int | None, as_json: bool, quiet: bool) -> None:
+    """Caption IMAGES (files, folders or globs) with a trained model."""
+    import blipkit
+    from blipkit.data.images import load_image
+
+    from blipkit.data.images import iter_image_paths
+
+    paths = list(iter_image_paths(images))
+    vlm = blipkit.load(_resolve_model(model))
+    generation = {k: v for k, v in (("num_beams", beams), ("max_new_tokens", max_new_tokens)) if v is not None}
+    for path, text in _run_per_image(paths, lambda p: vlm.caption([load_image(p)], prompt=prompt, **generation)[0], quiet):
+        click.echo(json.dumps({"image": str(path), "caption": text}) if as_json else f"{path}: {text}")
+
+
+@click.command()
+@click.argument("image")
+@click.argument("question")
+@click.option("--model", "-m", help="Run directory (default: the last 'blipkit train' run).")
+@click.option("--json", "as_json", is_flag=True, help="Print {image, question, answer} as JSON.")
+def ask(image: str, question: str, model: str | None, as_json: bool) -> None:
+    """Answer QUESTION about IMAGE with a trained model."""
+    import blipkit
+    from blipkit.data.images import load_image
+
+    vlm = blipkit.load(_resolve_model(model))
+    answer = vlm.ask([load_image(image)], [question])[0]
+    click.echo(json.dumps({"image": image, "question": question, "answer": answer}) if as_json else answer)
+
+
+@click.command()
+@click.option("--model", "-m", help="Run directory (default: the last 'blipkit train' run).")
+@click.option("--images", "image_inputs", multiple=True, required=True,
+              help="Image files, folders or globs to search (repeatable).")
+@click.option("--text", required=True, help="What to look for.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="How many images to show.")
+@click.option("--rerank-k", default=128, show_default=True, type=click.IntRange(min=1),
+              help="ITC candidates re-ranked with image-text matching.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per result: {image, score}.")
+def retrieve(model: str | None, image_inputs: tuple[str, ...], text: str, top_k: int, rerank_k: int, as_json: bool) -> None:
+    """Find the images that best match --text: contrastive similarity, then ITM re-ranking (BLIP-2's way).
+
+    Needs a model whose Q-Former was trained with stage 1.
+    """
+    import blipkit
+    from blipkit.data.images import iter_image_paths
+    from blipkit.inference import retrieve_images
+
+    paths = list(iter_image_paths(image_inputs))
+    vlm = blipkit.load(_resolve_model(model))
+    ranked = retrieve_images(
+        vlm, paths, text, top_k=top_k, rerank_k=rerank_k,
+        on_skip=lambda path, why: click.echo(f"Skipped {path}: {one_line(why)}", err=True),
+    )
+    for rank, (path, score) in enumerate(ranked, start=1):
+        click.echo(json.dumps({"image": str(path), "score": round(score, 4)}) if as_json else f"{rank}. {path}  {score:.3f}")
+
+
+@click.command()
+@click.argument("image")
+@click.option("--model", "-m", help="Run directory (default: the last 'blipkit train' run).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--per-query", is_flag=True, help="One heatmap per learned query (a grid) instead of their mean.")
+def attention(image: str, model: str | None, out: str, per_query: bool) -> None:
+    """Draw the Q-Former's cross-attention over IMAGE as a heatmap (averaged over layers and heads)."""
+    import blipkit
+    from blipkit.data.images import load_image
+    from blipkit.inference import attention_heatmap
+    from blipkit.io import atomic_path
+
+    vlm = blipkit.load(_resolve_model(model))
+    picture = attention_heatmap(vlm, load_image(image), per_query=per_query)
+    with atomic_path(out) as tmp:
+        picture.save(tmp, format="PNG")
+    click.echo(f"Wrote {out} ({picture.width}x{picture.height})")
+
+
+@click.command(name="eval")
+@click.option("--model", "-m", help="Run directory (default: the last 'blipkit train' run).")
+@click.option("--task", type=click.Choice(["caption", "vqa", "retrieval"]), required=True)
+@click.option("--data", "data_name", required=True, help="Dataset: a name (shapes), prefix:source or path.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Where to write predictions and scores "
+              "(default: RUN/eval-SPLIT).")
+@click.option("--beams", type=click.IntRange(min=1), help="Beam width (default: 5).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--option", "options", multiple=True, help="Dataset option KEY=VALUE (repeatable), e.g. num_images=50.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def evaluate_command(model: str | None, task: str, data_name: str, split: str, out: str | None, beams: int | None,
+                     batch_size: int, options: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+    """Score a model on a dataset split: captions (BLEU, ROUGE-L, CIDEr), VQA accuracy, or retrieval recall@K.
+
+    Writes TASK_predictions.jsonl and TASK_scores.json, and prints the scores.
+    """
+    import blipkit
+    from blipkit.config import apply_overrides
+    from blipkit.eval.evaluate import evaluate, write_results
+    from blipkit.train.feedback import CountProgress
+    from blipkit.train.runner import cached_features, open_dataset
+
+    dataset_options = apply_overrides({}, list(options))
+    run = _resolve_model(model)
+    vlm = blipkit.load(run)
+    dataset = cached_features(vlm, open_dataset(data_name, split, dataset_options), quiet=quiet)
+    generation = {"num_beams": beams} if beams else {}
+    with CountProgress(f"{task} ({split})", len(dataset.records), quiet=quiet) as bar:
+        result = evaluate(vlm, dataset, task, batch_size=batch_size, generation=generation, progress=bar.advance)
+    out_dir = Path(out) if out else Path(run) / f"eval-{split}"
+    predictions, scores = write_results(result, out_dir)
+    if as_json:
+        click.echo(json.dumps(result.scores, indent=2))
+    else:
+        for key, value in result.scores.items():
+            if isinstance(value, float):
+                click.echo(f"{key:28} {value:.4f}")
+            elif not isinstance(value, dict):
+                click.echo(f"{key:28} {value}")
+        click.echo(f"predictions: {predictions}\nscores:      {scores}")
+    if dataset.skipped:
+        click.echo("skipped: " + ", ".join(f"{n} {reason}" for reason, n in dataset.skipped.items()), err=True)
+
+
+COMMANDS = [caption, ask, retrieve, attention, evaluate_command]
