@@ -402,7 +402,8 @@ def test_efficientnet_lite0_real_weights() -> None:
         random_tokens = random_model.extract_features(pixels).flatten(2).transpose(1, 2)
         logits = package_model(pixels)
     assert tokens.shape == (1, 49, 1280)
-    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+    # BatchNorm is folded into the convolutions: the same function, float rounding reordered.
+    torch.testing.assert_close(tokens, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(tokens, random_tokens, atol=1e-2)
     assert float(tokens.min()) >= 0.0 and float(tokens.max()) <= 6.0
     assert float(logits.softmax(-1).max()) > 0.05

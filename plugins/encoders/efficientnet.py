@@ -42,8 +42,32 @@ class EfficientNetLiteEncoder(FrozenEncoder):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Tokens [B, H*W, 1280] from ``extract_features`` (row-major over the H x W map)."""
-        features = self.model.extract_features(self._input(pixel_values))
-        return features.flatten(2).transpose(1, 2)
+        pixels = self._input(pixel_values).contiguous(memory_format=torch.channels_last)
+        features = self.model.extract_features(pixels)
+        return features.flatten(2).transpose(1, 2).contiguous()
+
+
+# (conv, batch norm) attribute pairs of the package's model: the stem, each MBConv block, the head.
+_STEM_HEAD_PAIRS = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"))
+_BLOCK_PAIRS = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm into the convolution before it (exact for a frozen model, ~2x faster)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    def fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+        conv, norm = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), norm.eval()))
+            setattr(parent, bn_name, nn.Identity())
+
+    for conv_name, bn_name in _STEM_HEAD_PAIRS:
+        fold(model, conv_name, bn_name)
+    for block in model._blocks:
+        for conv_name, bn_name in _BLOCK_PAIRS:
+            fold(block, conv_name, bn_name)
+    return model.to(memory_format=torch.channels_last)
 
 
 def packages_installed() -> bool:
@@ -66,16 +90,18 @@ def efficientnet_lite0(image_size: int = 224) -> Encoder:
     # weights_only=True refuses anything but tensors and plain containers, so nothing is unpickled freely.
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
+    feature_dim = int(model._bn1.num_features)
+    model = fold_batch_norms(model.eval())
     transform = ImageTransform(size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_mode="shortest")
     grid = image_size // _STRIDE
     key = (
-        f"{MODEL_NAME}:imagenet-{file_fingerprint(weights)}:conv-head:{image_size}px:"
+        f"{MODEL_NAME}:imagenet-{file_fingerprint(weights)}:conv-head-bnfold:{image_size}px:"
         f"pre-{fingerprint(transform.describe())}"
     )
     encoder = EfficientNetLiteEncoder(
         freeze(model),
         transform=transform,
-        feature_dim=int(model._bn1.num_features),
+        feature_dim=feature_dim,
         image_size=image_size,
         patch_grid=(grid, grid),
         num_prefix_tokens=0,
