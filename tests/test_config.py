@@ -12,7 +12,7 @@ from blipkit.config import apply_overrides, load_recipe, recipe_from_dict, recip
 from blipkit.errors import ConfigError
 from blipkit.plugin_manager import registries
 
-SHIPPED = ("default", "tiny", "blip2", "blip2-stage1", "blip2-stage2")
+SHIPPED = ("default", "tiny", "blip2", "blip2-stage1", "blip2-stage2", "vqa-finetune")
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -62,9 +62,16 @@ def qformer(
 
 
 def _from_pretrained(path: str) -> QFormer:
-    """Load a Q-Former saved with ``save_pretrained`` (config, weights and tokenizer)."""
-    from .model import QFormer
+    """Load a Q-Former saved with ``save_pretrained``, or import one from a transformers BLIP-2 directory."""
+    import json
+    from pathlib import Path
 
+    from .model import QFormer
+    from .weights import from_transformers_blip2
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("model_type") == "blip-2":
+        return from_transformers_blip2(path)
     return QFormer.from_pretrained(path)
 
 
