@@ -35,13 +35,18 @@ __all__ = [
 class ComponentConfig:
     """A registered part picked by name, with its factory options.
 
-    ``pretrained`` (bridge and projection only): a blipkit run directory or a saved bridge directory whose
-    weights to start from, e.g. stage 1's run for a stage-2-only recipe.
+    ``pretrained`` (bridge and projection only): a blipkit run directory, a saved bridge directory or a
+    transformers BLIP-2 directory whose weights to start from, e.g. stage 1's run for stage 2 alone.
+    ``tuning`` (bridge): ``full`` trains every weight, ``lora`` trains LoRA adapters (plus the learned
+    queries and ln_vision). ``lora``: LoRA settings (r, alpha, dropout, target_modules, bias; for the bridge
+    also always_trainable); on ``llm`` its presence puts trainable LoRA adapters into the frozen LLM.
     """
 
     name: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    tuning: str = "full"
+    lora: dict[str, Any] | None = None
 
 
 @dataclass
@@ -134,7 +139,7 @@ _NESTED: dict[str, type] = {
     "train": DatasetConfig,
     "validation": DatasetConfig,
 }
-_FREE_FORM = {"options"}
+_FREE_FORM = {"options", "lora"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -152,9 +157,12 @@ def _build(cls: type, data: Any, path: str) -> Any:
         if key not in known:
             raise ConfigError(f"{where}: unknown key; {path or 'a recipe'} takes: {', '.join(known)}")
         if key in _FREE_FORM:
-            if not isinstance(value, dict):
+            if value is None and key == "lora":
+                kwargs[key] = None
+            elif not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping of options, got {value!r}")
-            kwargs[key] = dict(value)
+            else:
+                kwargs[key] = dict(value)
         elif key in _NESTED:
             if isinstance(value, str) and "name" in _NESTED[key].__dataclass_fields__:
                 value = {"name": value}
@@ -211,6 +219,21 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
             raise ConfigError(f"{stage_name}.tasks: expected a non-empty list of caption and/or vqa, got {stage.tasks}")
     if recipe.stage1 is None and recipe.stage2 is None:
         raise ConfigError("the recipe has no stage: set stage1 and/or stage2")
+    for part in ("encoder", "bridge", "projection", "llm"):
+        component = getattr(recipe, part)
+        allowed = ("full", "lora") if part == "bridge" else ("full",)
+        if component.tuning not in allowed:
+            raise ConfigError(f"{part}.tuning: expected one of {', '.join(allowed)}, got {component.tuning!r}")
+        if component.lora is not None and part not in ("bridge", "llm"):
+            raise ConfigError(f"{part}.lora: LoRA applies to the bridge (bridge.tuning=lora) and the llm only")
+        if component.lora is not None:
+            from blipkit.train.lora import LoraSettings
+
+            settings = {k: v for k, v in component.lora.items() if k != "always_trainable"}
+            try:
+                LoraSettings(**settings)
+            except TypeError as err:
+                raise ConfigError(f"{part}.lora: {err}; LoRA takes r, alpha, dropout, target_modules, bias") from None
     return recipe
 
 

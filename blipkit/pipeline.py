@@ -44,11 +44,13 @@ class VisionLanguageModel(nn.Module):
                 frozen.requires_grad_(False)
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
-        """Train the bridge and projection; the frozen encoder and LLM stay in eval mode."""
+        """Train the bridge and projection; the encoder stays in eval mode, and so does the LLM unless it
+        carries trainable LoRA adapters (its wrapper decides)."""
         super().train(mode)
-        for frozen in (self.encoder, self.llm):
-            if frozen is not None:
-                frozen.eval()
+        if self.encoder is not None:
+            self.encoder.eval()
+        if self.llm is not None:
+            self.llm.train(mode)
         return self
 
     @property
@@ -206,10 +208,39 @@ class VisionLanguageModel(nn.Module):
 
 
 def save_weights(model: VisionLanguageModel, directory: Path) -> None:
-    """Save the trainable parts (bridge, projection) under ``directory``."""
-    model.bridge.save_pretrained(directory / "bridge")
+    """Save the trainable parts under ``directory``: bridge (with its LoRA), projection, LLM adapter."""
+    from blipkit.train.lora import has_lora, save_bridge, save_llm_adapter
+
+    save_bridge(model.bridge, directory / "bridge")
     if model.projection is not None:
         model.projection.save_pretrained(directory / "projection")
+    if model.llm is not None and has_lora(model.llm.model):
+        save_llm_adapter(model.llm, directory / "llm_adapter")
+
+
+def load_weights(model: VisionLanguageModel, directory: Path) -> None:
+    """Load what ``save_weights`` wrote into an already built ``model`` (resuming a run)."""
+    from blipkit.io import load_safetensors
+    from blipkit.train.lora import has_lora, load_bridge_lora, load_llm_adapter
+
+    if has_lora(model.bridge):
+        load_bridge_lora(model.bridge, directory / "bridge")
+    else:
+        model.bridge.load_state_dict(load_safetensors(directory / "bridge" / "model.safetensors"))
+    if model.projection is not None and (directory / "projection").exists():
+        model.projection.load_state_dict(load_safetensors(directory / "projection" / "model.safetensors"))
+    if model.llm is not None and (directory / "llm_adapter").exists():
+        load_llm_adapter(model.llm, directory / "llm_adapter", trainable=True)
+
+
+def _apply_bridge_tuning(bridge: Bridge, config: ComponentConfig) -> Bridge:
+    if config.tuning == "lora":
+        from blipkit.train.lora import ALWAYS_TRAINABLE, LoraSettings, apply_bridge_lora
+
+        settings = dict(config.lora or {})
+        always = settings.pop("always_trainable", ALWAYS_TRAINABLE)
+        apply_bridge_lora(bridge, LoraSettings(**settings), always)
+    return bridge
 
 
 def write_meta(run_dir: Path, recipe: Recipe, checkpoint: str, **extra: Any) -> None:
@@ -258,7 +289,7 @@ def _make_bridge(config: ComponentConfig, slot: str, **dims: int) -> Bridge:
 def build_model(recipe: Recipe, with_llm: bool = True) -> VisionLanguageModel:
     """Materialise the recipe's parts; without ``with_llm`` (stage 1) no LLM or projection is loaded."""
     encoder = _registries().encoders.create(recipe.encoder.name, **recipe.encoder.options)
-    bridge = _make_bridge(recipe.bridge, "bridge", input_dim=encoder.feature_dim)
+    bridge = _apply_bridge_tuning(_make_bridge(recipe.bridge, "bridge", input_dim=encoder.feature_dim), recipe.bridge)
     model = VisionLanguageModel(encoder, bridge, recipe=recipe)
     if with_llm:
         add_language_model(model, recipe)
@@ -268,6 +299,10 @@ def build_model(recipe: Recipe, with_llm: bool = True) -> VisionLanguageModel:
 def add_language_model(model: VisionLanguageModel, recipe: Recipe) -> VisionLanguageModel:
     """Load the recipe's frozen LLM into ``model`` and give it a projection sized for bridge and LLM."""
     llm = _registries().llms.create(recipe.llm.name, **recipe.llm.options).requires_grad_(False)
+    if recipe.llm.lora is not None:
+        from blipkit.train.lora import LoraSettings, apply_llm_lora
+
+        apply_llm_lora(llm, LoraSettings(**recipe.llm.lora))
     model.llm = llm
     model.projection = _make_bridge(
         recipe.projection, "projection", input_dim=model.bridge.output_dim, output_dim=llm.hidden_size
@@ -295,10 +330,15 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Vi
     regs = _registries()
     checkpoint = path / meta.get("checkpoint", ".")
     encoder = regs.encoders.create(recipe.encoder.name, **recipe.encoder.options)
+    from blipkit.train.lora import load_bridge_lora, load_llm_adapter
+
     bridge = load_bridge(recipe.bridge.name, checkpoint / "bridge")
+    load_bridge_lora(bridge, checkpoint / "bridge")
     llm = projection = None
     if (checkpoint / "projection").exists():
         llm = regs.llms.create(recipe.llm.name, **recipe.llm.options)
         projection = load_bridge(recipe.projection.name, checkpoint / "projection")
+        if (checkpoint / "llm_adapter").exists():
+            load_llm_adapter(llm, checkpoint / "llm_adapter")
     model = VisionLanguageModel(encoder, bridge, projection, llm, recipe).eval()
     return model.to(device) if device is not None else model

@@ -139,3 +139,22 @@ def test_loss_falls_when_overfitting(tmp_path: Path) -> None:
     train(load_recipe("tiny", overrides), output=tmp_path / "run", quiet=True)
     losses = [r["loss"] for r in _metrics(tmp_path / "run")]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_lora_run_saves_adapters_and_reloads(tmp_path: Path) -> None:
+    from blipkit.train.lora import has_lora
+
+    overrides = ["~stage1", "stage2.steps=3", "bridge.tuning=lora", "bridge.lora={r: 4}", "llm.lora={r: 4, alpha: 8}"]
+    run = tmp_path / "run"
+    train(load_recipe("tiny", overrides), output=run, quiet=True)
+    checkpoint = run / json.loads((run / "blipkit.json").read_text())["checkpoint"]
+    for part in ("bridge/lora.json", "bridge/lora.safetensors", "llm_adapter/adapter_config.json",
+                 "llm_adapter/adapter_model.safetensors"):
+        assert (checkpoint / part).is_file(), part
+    lora = load_safetensors(checkpoint / "bridge" / "lora.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k), "adapters trained"
+    model = blipkit.load(run)
+    assert has_lora(model.bridge) and has_lora(model.llm.model)
+    picture = Image.new("RGB", (32, 32), (0, 0, 255))
+    first = model.caption([picture], num_beams=1, max_new_tokens=4)
+    assert first == blipkit.load(run).caption([picture], num_beams=1, max_new_tokens=4)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from blipkit.errors import BlipkitError, ConfigError, DataError
+from blipkit.interfaces import Bridge
 from blipkit.io import atomic_write_json, load_safetensors, read_json, save_safetensors
 
 __all__ = [
@@ -206,6 +207,24 @@ def _check_targets(module: nn.Module, targets: list[str], what: str) -> None:
         )
 
 
+def _load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load peft-named adapter tensors into ``model``; every adapter weight must be given and fit."""
+    from peft import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(model, state, adapter_name=_ADAPTER)
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise DataError(
+            f"{source} does not fit this model ({detail}); load it into the model it was trained with"
+        ) from None
+    expected = {n for n, _ in model.named_parameters() if _LORA_MARK in n}
+    missing = sorted(expected & set(result.missing_keys))
+    if result.unexpected_keys or missing:
+        key = (list(result.unexpected_keys) or missing)[0]
+        raise DataError(f"{source} does not fit this model (key '{key}'); load it into the model it was trained with")
+
+
 def trainable_parameter_report(module: nn.Module) -> dict[str, int | float]:
     """Counts of trainable and total parameters (shared tensors counted once) and the trainable percentage."""
     seen: set[int] = set()
@@ -250,22 +269,6 @@ def _wrap_in_peft(model: Any, config: Any) -> Any:
         # peft asks the model about gradient checkpointing through a name transformers has deprecated.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
         return get_peft_model(model, config)
-
-
-def _load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load peft-named adapter tensors into ``model``; every adapter weight must be given and fit."""
-    from peft import set_peft_model_state_dict
-
-    try:
-        result = set_peft_model_state_dict(model, state, adapter_name=_ADAPTER)
-    except RuntimeError as err:
-        raise DataError(f"{source} does not fit this model ({str(err).splitlines()[-1].strip()}); "
-                        "load it into the model it was trained with") from None
-    expected = {n for n, _ in model.named_parameters() if _LORA_MARK in n}
-    missing = sorted(expected & set(result.missing_keys))
-    if result.unexpected_keys or missing:
-        key = (list(result.unexpected_keys) or missing)[0]
-        raise DataError(f"{source} does not fit this model (key '{key}'); load it into the model it was trained with")
 
 
 def _peft_model(llm: Any) -> Any:
@@ -434,7 +437,7 @@ def _base_state_names(bridge: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def save_bridge(bridge: Any, directory: str | Path) -> Path:
+def save_bridge(bridge: Bridge, directory: str | Path) -> Path:
     """Save a bridge with ``save_pretrained``; with LoRA, base weights keep their names and the adapters
     go to ``lora.json`` + ``lora.safetensors`` beside them."""
     directory = Path(directory)
@@ -461,12 +464,15 @@ def load_bridge_lora(bridge: nn.Module, directory: str | Path) -> bool:
     settings = read_json(directory / BRIDGE_LORA_CONFIG)
     tensors = load_safetensors(directory / BRIDGE_LORA_WEIGHTS)
     if has_lora(bridge):
+        weights = directory / "model.safetensors"
         base = {_base_name(k): k for k in bridge.state_dict() if _LORA_MARK not in k}
-        saved = load_safetensors(directory / "model.safetensors")
+        saved = load_safetensors(weights)
         if set(saved) != set(base):
-            raise DataError(f"{directory / 'model.safetensors'} does not fit this bridge; load the bridge it was saved from")
-        with torch.no_grad():
+            raise DataError(f"{weights} does not fit this bridge; load it into the bridge it was saved from")
+        try:
             bridge.load_state_dict({base[k]: v for k, v in saved.items()}, strict=False)
+        except RuntimeError:
+            raise DataError(f"{weights} does not fit this bridge; load it into the bridge it was saved from") from None
     restore_bridge_lora(bridge, settings, tensors)
     return True
 

@@ -25,9 +25,18 @@ from blipkit.config import Recipe, StageConfig
 from blipkit.data.collate import Collator
 from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
 from blipkit.errors import BlipkitError, ConfigError, DataError
-from blipkit.io import atomic_write_text, cache_dir, load_safetensors, read_json
-from blipkit.pipeline import META_FILE, VisionLanguageModel, add_language_model, build_model, save_weights, write_meta
+from blipkit.io import atomic_write_text, cache_dir, read_json
+from blipkit.pipeline import (
+    META_FILE,
+    VisionLanguageModel,
+    add_language_model,
+    build_model,
+    load_weights,
+    save_weights,
+    write_meta,
+)
 from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
+from blipkit.train.lora import has_lora
 from blipkit.train.optim import build_optimizer, build_scheduler
 from blipkit.train.state import load_trainer_state, restore_rng, save_trainer_state
 
@@ -224,7 +233,7 @@ def train(
         state = None
         if resume_from is not None:
             progress, checkpoint = resume_from
-            _load_trainable(model, checkpoint)
+            load_weights(model, checkpoint)
             if progress["stage"] == stage_name:
                 state = load_trainer_state(checkpoint / "trainer_state")
                 start_step = progress["step"]
@@ -245,12 +254,6 @@ def train(
         _remember_last_run(run_dir)
     result.skipped = dict(training_data.skipped)
     return result
-
-
-def _load_trainable(model: VisionLanguageModel, checkpoint: Path) -> None:
-    model.bridge.load_state_dict(load_safetensors(checkpoint / "bridge" / "model.safetensors"))
-    if model.projection is not None and (checkpoint / "projection").exists():
-        model.projection.load_state_dict(load_safetensors(checkpoint / "projection" / "model.safetensors"))
 
 
 def cached_features(model: VisionLanguageModel, dataset: Any, quiet: bool = False, batch_size: int = 32) -> CachedFeatureDataset:
@@ -291,7 +294,10 @@ def _run_stage(
     accelerator.step = 0
     trainable = [m for m in (model.bridge, model.projection) if m is not None]
     for module in trainable:
-        module.requires_grad_(True)
+        if not has_lora(module):
+            module.requires_grad_(True)
+    if model.llm is not None and has_lora(model.llm.model):
+        trainable.append(model.llm)
     if recipe.gradient_checkpointing:
         for module in (model.bridge, model.llm):
             if module is not None and hasattr(module, "gradient_checkpointing_enable"):
