@@ -78,7 +78,11 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    """One training stage: steps counted in optimizer steps, AdamW with warmup and cosine decay."""
+    """One training stage: steps counted in optimizer steps, AdamW with warmup and cosine decay.
+
+    ``task_weights`` (e.g. ``{caption: 0.5, vqa: 0.5}``) sets each task's share of the samples seen by
+    repeating the samples of rarer tasks; None keeps the dataset's own proportions.
+    """
 
     steps: int = 1000
     lr: float = 1e-4
@@ -91,6 +95,7 @@ class StageConfig:
     grad_accum: int = 1
     batch_size: int | None = None
     tasks: list[str] = field(default_factory=lambda: ["caption"])
+    task_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -139,7 +144,7 @@ _NESTED: dict[str, type] = {
     "train": DatasetConfig,
     "validation": DatasetConfig,
 }
-_FREE_FORM = {"options", "lora"}
+_FREE_FORM = {"options", "lora", "task_weights"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -157,7 +162,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         if key not in known:
             raise ConfigError(f"{where}: unknown key; {path or 'a recipe'} takes: {', '.join(known)}")
         if key in _FREE_FORM:
-            if value is None and key == "lora":
+            if value is None and key in ("lora", "task_weights"):
                 kwargs[key] = None
             elif not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping of options, got {value!r}")
@@ -217,6 +222,11 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         unknown = set(stage.tasks) - {"caption", "vqa"}
         if unknown or not stage.tasks:
             raise ConfigError(f"{stage_name}.tasks: expected a non-empty list of caption and/or vqa, got {stage.tasks}")
+        weights = stage.task_weights or {}
+        if set(weights) - set(stage.tasks) or any(not isinstance(w, (int, float)) or w <= 0 for w in weights.values()):
+            raise ConfigError(
+                f"{stage_name}.task_weights: expected positive numbers for tasks among {stage.tasks}, got {weights}"
+            )
     if recipe.stage1 is None and recipe.stage2 is None:
         raise ConfigError("the recipe has no stage: set stage1 and/or stage2")
     for part in ("encoder", "bridge", "projection", "llm"):

@@ -158,3 +158,22 @@ def test_lora_run_saves_adapters_and_reloads(tmp_path: Path) -> None:
     picture = Image.new("RGB", (32, 32), (0, 0, 255))
     first = model.caption([picture], num_beams=1, max_new_tokens=4)
     assert first == blipkit.load(run).caption([picture], num_beams=1, max_new_tokens=4)
+
+
+def test_task_weights_balance_the_mixture() -> None:
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from blipkit.train.runner import stage_indices
+
+    records = [SimpleNamespace(task="caption")] * 10 + [SimpleNamespace(task="vqa")] * 40
+    dataset = SimpleNamespace(records=records, name="d", tasks={"caption", "vqa"})
+    natural = stage_indices(dataset, ["caption", "vqa"])
+    assert natural == list(range(50))
+    mixed = stage_indices(dataset, ["caption", "vqa"], {"caption": 1, "vqa": 1})
+    tasks = Counter(records[i].task for i in mixed)
+    assert tasks == {"caption": 40, "vqa": 40}
+    assert set(mixed) == set(range(50)), "every sample is still used"
+    assert Counter(i for i in mixed if i < 10) == {i: 4 for i in range(10)}
+    only = stage_indices(dataset, ["caption"], {"caption": 2.0})
+    assert only == list(range(10))

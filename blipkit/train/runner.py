@@ -109,10 +109,24 @@ def _precision(recipe: Recipe) -> str:
     return recipe.precision
 
 
-def _stage_indices(dataset: Any, tasks: list[str]) -> list[int]:
-    indices = [i for i, record in enumerate(dataset.records) if record.task in tasks]
-    if not indices:
+def stage_indices(dataset: Any, tasks: list[str], weights: dict[str, float] | None = None) -> list[int]:
+    """Dataset indices a stage samples from; with ``weights``, rarer tasks' indices repeat to give each task
+    (approximately) its weight's share."""
+    by_task = {task: [i for i, record in enumerate(dataset.records) if record.task == task] for task in tasks}
+    present = {task: found for task, found in by_task.items() if found}
+    if not present:
         raise DataError(f"dataset '{dataset.name}' has no samples for tasks {tasks}; it has {sorted(dataset.tasks)}")
+    if not weights:
+        return sorted(i for found in present.values() for i in found)
+    total = sum(weights.get(task, 0.0) for task in present)
+    if total <= 0:
+        raise DataError(f"task_weights {weights} give no weight to the tasks present: {sorted(present)}")
+    # Size of the mixture: the smallest that keeps every sample of every weighted task at least once.
+    size = max(len(found) / (weights.get(task, 0.0) / total) for task, found in present.items() if weights.get(task, 0.0) > 0)
+    indices: list[int] = []
+    for task, found in present.items():
+        share = round(size * weights.get(task, 0.0) / total)
+        indices += [found[k % len(found)] for k in range(share)]
     return indices
 
 
@@ -322,7 +336,7 @@ def _run_stage(
         prefix_lm=bool(llm is not None and llm.is_encoder_decoder),
     )
     sampler = BatchIndexSampler(
-        _stage_indices(dataset, stage.tasks),
+        stage_indices(dataset, stage.tasks, stage.task_weights),
         batch_size,
         seed=recipe.seed + (0 if stage_name == "stage1" else 1),
         start=start_step * stage.grad_accum,
