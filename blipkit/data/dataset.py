@@ -92,15 +92,7 @@ class ImageTextDataset(Dataset):
                     self.skipped[CORRUPT_IMAGE] += 1
             logger.warning("skipping sample %d of dataset '%s': %s", index, self.name, err)
             return None
-        return Sample(
-            image=image,
-            text=record.text,
-            question=record.question,
-            answers=list(record.answers) if record.answers is not None else None,
-            image_id=record.image_id,
-            task=record.task,
-            meta=record.meta,
-        )
+        return record.to_sample(image=image)
 
     def __getstate__(self) -> dict[str, object]:
         # DataLoader workers started with "spawn" pickle the dataset; a lock cannot be pickled.

@@ -198,14 +198,4 @@ class CachedFeatureDataset(Dataset):
         key = self.keys[index]
         if key is None or key not in self.cache:
             return None
-        record = self.records[index]
-        return Sample(
-            image=None,
-            text=record.text,
-            question=record.question,
-            answers=list(record.answers) if record.answers is not None else None,
-            image_id=record.image_id,
-            task=record.task,
-            meta=record.meta,
-            image_tokens=self.cache.get([key])[0],
-        )
+        return self.records[index].to_sample(image_tokens=self.cache.get([key])[0])

@@ -55,6 +55,19 @@ class Record:
     task: Task = "caption"
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def to_sample(self, image: Image.Image | None = None, image_tokens: Any = None) -> Sample:
+        """This record as a Sample with its loaded ``image`` (or cached ``image_tokens``)."""
+        return Sample(
+            image=image,
+            text=self.text,
+            question=self.question,
+            answers=list(self.answers) if self.answers is not None else None,
+            image_id=self.image_id,
+            task=self.task,
+            meta=self.meta,
+            image_tokens=image_tokens,
+        )
+
 
 def most_frequent_answer(answers: Sequence[str], preferred: str | None = None) -> str:
     """The most frequent of ``answers``; ties go to ``preferred`` when it is among them, else the first seen."""

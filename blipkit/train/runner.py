@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from blipkit.config import Recipe, StageConfig
 from blipkit.data.collate import Collator
 from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
-from blipkit.errors import BlipkitError, ConfigError, DataError
+from blipkit.errors import BlipkitError, DataError
 from blipkit.io import atomic_write_text, cache_dir, read_json
 from blipkit.pipeline import (
     META_FILE,
