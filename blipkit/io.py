@@ -85,3 +85,37 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
 def cache_dir() -> Path:
     """blipkit's cache directory: ``$BLIPKIT_CACHE`` or ``~/.cache/blipkit``."""
     return Path(os.environ.get("BLIPKIT_CACHE") or Path.home() / ".cache" / "blipkit")
+
+
+def load_safetensors_prefixed(directory: str | Path, prefixes: tuple[str, ...], strip: str = "") -> dict[str, torch.Tensor]:
+    """Tensors whose names start with one of ``prefixes`` from a model directory's safetensors weights
+    (``model.safetensors`` or the shards of ``model.safetensors.index.json``), read one by one; ``strip``
+    is removed from the front of each returned name."""
+    from safetensors import safe_open
+
+    from blipkit.errors import ModelUnavailableError
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map") if isinstance(read_json(index), dict) else None
+        if not isinstance(weight_map, dict):
+            raise DataError(f"{index} is not a valid safetensors index; fix or delete it")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    else:
+        raise ModelUnavailableError(
+            f"{directory} has no model.safetensors; only safetensors weights are loaded "
+            "(re-save the model with save_pretrained(dir, safe_serialization=True))"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    if key.startswith(prefixes):
+                        state[key[len(strip) :] if strip and key.startswith(strip) else key] = handle.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise DataError(f"{file} is not a readable safetensors file ({err}); re-save it") from None
+    return state

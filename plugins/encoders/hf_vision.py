@@ -1,8 +1,11 @@
-"""transformers vision towers: ``hf:<repo id or local dir>`` for SigLIP and CLIP (vision-only or full models).
+"""transformers vision towers: ``hf:<repo id or local dir>`` for SigLIP, CLIP (vision-only or full models)
+and the vision tower of BLIP-2 checkpoints.
 
-Tokens come from a block's output before ``post_layernorm`` (default: the penultimate block, i.e.
-``hidden_states[-2]``). SigLIP towers return the patch grid only (no CLS token); CLIP towers return
-1 CLS token, then the patch grid.
+Tokens come from a block's output before ``post_layernorm``. SigLIP and CLIP default to the penultimate
+block (``hidden_states[-2]``); BLIP-2 towers to their last block, because transformers' BLIP-2 checkpoints
+already hold EVA cut to LAVIS's 39 blocks and their ``post_layernorm`` is LAVIS's ``ln_vision``, which
+belongs to the Q-Former. SigLIP towers return the patch grid only (no CLS token); CLIP and BLIP-2 towers
+return 1 CLS token, then the patch grid.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from blipkit import hookimpl
 from blipkit.errors import ConfigError
+from blipkit.io import load_safetensors_prefixed
 from blipkit.interfaces import Encoder
 
 from ._common import FrozenEncoder, ImageTransform, file_fingerprint, fingerprint, freeze, resolve_layer, unavailable
@@ -27,8 +31,11 @@ MODEL_TYPES: dict[str, tuple[str, bool]] = {
     "siglip": ("siglip", True),
     "clip_vision_model": ("clip", False),
     "clip": ("clip", True),
+    "blip-2": ("blip2", True),
 }
-# Used when a model directory has no preprocessor_config.json: each family's published processor defaults.
+# The block each family's tokens come from by default (see the module docstring).
+FAMILY_LAYER = {"siglip": -2, "clip": -2, "blip2": -1}
+# Used when a model has no saved image processor config: each family's published processor defaults.
 FAMILY_PREPROCESS: dict[str, dict[str, Any]] = {
     "siglip": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash", "resample": "bicubic"},
     "clip": {
@@ -37,12 +44,19 @@ FAMILY_PREPROCESS: dict[str, dict[str, Any]] = {
         "resize_mode": "shortest",
         "resample": "bicubic",
     },
+    "blip2": {
+        "mean": (0.48145466, 0.4578275, 0.40821073),
+        "std": (0.26862954, 0.26130258, 0.27577711),
+        "resize_mode": "squash",
+        "resample": "bicubic",
+    },
 }
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 class HFVisionEncoder(FrozenEncoder):
-    """A SigLIP/CLIP vision tower from transformers, cut after one block, without its final norm."""
+    """A SigLIP/CLIP/BLIP-2 vision tower from transformers, cut after one block, without its final norm."""
 
     def __init__(self, tower: nn.Module, index: int, family: str, **geometry: Any) -> None:
         super().__init__(**geometry)
@@ -51,7 +65,7 @@ class HFVisionEncoder(FrozenEncoder):
         self.family = family
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, N, D] of block ``index`` (CLIP: CLS then patches; SigLIP: patches only)."""
+        """Tokens [B, N, D] of block ``index`` (CLIP, BLIP-2: CLS then patches; SigLIP: patches only)."""
         hidden = self.tower.embeddings(self._input(pixel_values))
         if self.family == "clip":
             hidden = self.tower.pre_layrnorm(hidden)
@@ -67,7 +81,7 @@ def _read_config(path: Path) -> dict[str, Any] | None:
 
 
 def claims_directory(name: str) -> bool:
-    """Whether ``name`` is a local directory holding a SigLIP or CLIP (vision) model."""
+    """Whether ``name`` is a local directory holding a SigLIP, CLIP (vision) or BLIP-2 model."""
     path = Path(name).expanduser()
     if not path.is_dir():
         return False
@@ -83,18 +97,28 @@ def _offline(model: str, err: BaseException) -> Exception:
     )
 
 
-def _preprocessor_config(model: str, local: bool, revision: str | None) -> dict[str, Any] | None:
-    if local:
-        file = Path(model) / "preprocessor_config.json"
-        if not file.is_file():
-            return None
-    else:
+def _processor_file(model: str, local: bool, revision: str | None) -> Path | None:
+    """The image processor's saved config: ``preprocessor_config.json``, else the ``processor_config.json``
+    that processors (such as Blip2Processor) write with the image processor nested inside."""
+    for name in _PROCESSOR_FILES:
+        if local:
+            file = Path(model) / name
+            if file.is_file():
+                return file
+            continue
         from huggingface_hub import hf_hub_download
 
         try:
-            file = Path(hf_hub_download(model, "preprocessor_config.json", revision=revision))
-        except Exception:  # a repo without a processor config, or no hub: fall back to the family defaults
-            return None
+            return Path(hf_hub_download(model, name, revision=revision))
+        except Exception:  # a repo without this file, or no hub: try the next one, then the family defaults
+            continue
+    return None
+
+
+def _preprocessor_config(model: str, local: bool, revision: str | None) -> dict[str, Any] | None:
+    file = _processor_file(model, local, revision)
+    if file is None:
+        return None
     try:
         data = json.loads(file.read_text())
     except ValueError as err:
@@ -142,22 +166,34 @@ def build_transform(family: str, image_size: int, processor: dict[str, Any] | No
     return transform
 
 
-def hf_vision_encoder(model: str, layer: int = -2, revision: str | None = None) -> Encoder:
-    """Load a SigLIP/CLIP vision tower from a hub id or local directory (safetensors weights only)."""
+def _blip2_snapshot(model: str, revision: str | None) -> Path:
+    """The local copy of a hub BLIP-2 checkpoint (from the cache when no hub is reachable)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+    except (OSError, ValueError) as err:
+        raise _offline(model, err) from err
+
+
+def _blip2_tower(directory: Path, config: Any) -> nn.Module:
+    """Only the vision tower of a saved BLIP-2 model, read tensor by tensor from its safetensors files."""
+    from transformers import Blip2VisionModel
+
+    prefix = "vision_model."
+    state = load_safetensors_prefixed(directory, (prefix,), strip=prefix)
+    if not state:
+        raise ConfigError(f"{directory} holds no BLIP-2 vision tower weights (no {prefix}* tensors)")
+    tower = Blip2VisionModel.from_pretrained(None, config=config.vision_config, state_dict=state, dtype=torch.float32)
+    # The Q-Former import takes post_layernorm as its ln_vision; the encoder's tokens come before it.
+    tower.post_layernorm = nn.Identity()
+    return tower
+
+
+def _siglip_clip_tower(model: str, source: str, local: bool, config: Any, revision: str | None) -> nn.Module:
     import transformers
 
-    local = Path(model).expanduser().is_dir()
-    source = str(Path(model).expanduser().resolve()) if local else model
-    try:
-        config = transformers.AutoConfig.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as err:
-        if local:
-            raise ConfigError(f"{source} holds no readable config.json for a transformers model ({err})") from err
-        raise _offline(model, err) from err
-    model_type = getattr(config, "model_type", "")
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"hf:{model} is a '{model_type}' model; hf: encoders take SigLIP or CLIP (vision) models")
-    family, full = MODEL_TYPES[model_type]
+    family, full = MODEL_TYPES[config.model_type]
     classes = {
         ("siglip", False): "SiglipVisionModel",
         ("siglip", True): "SiglipModel",
@@ -177,12 +213,39 @@ def hf_vision_encoder(model: str, layer: int = -2, revision: str | None = None) 
             ) from err
         raise _offline(model, err) from err
     tower = loaded.vision_model if full else loaded
-    vision_config = config.vision_config if full else config
-    depth = len(tower.encoder.layers)
-    index = resolve_layer(layer, depth, f"hf:{model}")
-    tower.encoder.layers = tower.encoder.layers[: index + 1]
     if family == "siglip" and getattr(tower, "head", None) is not None:
         tower.head = None
+    return tower
+
+
+def hf_vision_encoder(model: str, layer: int | None = None, revision: str | None = None) -> Encoder:
+    """Load a SigLIP/CLIP vision tower or a BLIP-2 checkpoint's vision tower from a hub id or local
+    directory (safetensors weights only). ``layer`` None: the family's default block (SigLIP/CLIP: the
+    penultimate, BLIP-2: the last)."""
+    import transformers
+
+    local = Path(model).expanduser().is_dir()
+    source = str(Path(model).expanduser().resolve()) if local else model
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as err:
+        if local:
+            raise ConfigError(f"{source} holds no readable config.json for a transformers model ({err})") from err
+        raise _offline(model, err) from err
+    model_type = getattr(config, "model_type", "")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(
+            f"hf:{model} is a '{model_type}' model; hf: encoders take SigLIP, CLIP (vision) or BLIP-2 models"
+        )
+    family, full = MODEL_TYPES[model_type]
+    if family == "blip2":
+        tower = _blip2_tower(Path(source) if local else _blip2_snapshot(model, revision), config)
+    else:
+        tower = _siglip_clip_tower(model, source, local, config, revision)
+    vision_config = config.vision_config if full else config
+    depth = len(tower.encoder.layers)
+    index = resolve_layer(FAMILY_LAYER[family] if layer is None else layer, depth, f"hf:{model}")
+    tower.encoder.layers = tower.encoder.layers[: index + 1]
     image_size = int(vision_config.image_size)
     grid = image_size // int(vision_config.patch_size)
     transform = build_transform(family, image_size, _preprocessor_config(source, local, revision))
@@ -199,7 +262,7 @@ def hf_vision_encoder(model: str, layer: int = -2, revision: str | None = None) 
         feature_dim=int(vision_config.hidden_size),
         image_size=image_size,
         patch_grid=(grid, grid),
-        num_prefix_tokens=1 if family == "clip" else 0,
+        num_prefix_tokens=0 if family == "siglip" else 1,
         key=key,
     )
     return freeze(encoder)
@@ -207,11 +270,11 @@ def hf_vision_encoder(model: str, layer: int = -2, revision: str | None = None) 
 
 @hookimpl
 def register_encoders(register: Callable[..., None]) -> None:
-    """Register the ``hf:`` prefix, which also claims local SigLIP/CLIP model directories."""
+    """Register the ``hf:`` prefix, which also claims local SigLIP/CLIP/BLIP-2 model directories."""
     register(
         "hf:",
         hf_vision_encoder,
-        description="a transformers SigLIP or CLIP vision tower: hf:<repo id> or a local model directory",
+        description="a transformers SigLIP, CLIP or BLIP-2 vision tower: hf:<repo id> or a local model directory",
         kind="transformers",
         matches=claims_directory,
     )

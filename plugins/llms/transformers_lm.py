@@ -2,7 +2,9 @@
 
 ``hf:org/model`` loads a hub id (from the local cache when no hub is reachable), ``hf:/path/dir`` or a
 bare directory with a text model's ``config.json`` loads a local ``save_pretrained`` directory. The
-config's ``is_encoder_decoder`` picks the decoder-only or the encoder-decoder wrapper.
+config's ``is_encoder_decoder`` picks the decoder-only or the encoder-decoder wrapper. A BLIP-2 checkpoint
+(Blip2ForConditionalGeneration, e.g. Salesforce/blip2-opt-2.7b) gives its language model alone, read
+from the ``language_model.*`` tensors of its safetensors files, with the checkpoint's tokenizer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from blipkit import hookimpl
 from blipkit.errors import ConfigError, ModelUnavailableError, one_line
+from blipkit.io import load_safetensors_prefixed
 
 from ._hf import CausalLM, Seq2SeqLM, resolve_dtype, wrap
 
@@ -32,6 +35,7 @@ HUB_MODELS: dict[str, tuple[str, str, str]] = {
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")
+_BLIP2_LM_PREFIX = "language_model."
 
 
 def _offline() -> bool:
@@ -51,8 +55,15 @@ def is_cached(repo_id: str, revision: str | None = None) -> bool:
     return cached("config.json") and any(cached(name) for name in _WEIGHT_FILES)
 
 
+def _is_blip2_with_language_model(config: dict[str, Any]) -> bool:
+    """Whether a config.json's contents describe a Blip2ForConditionalGeneration model."""
+    architectures = config.get("architectures") or []
+    return config.get("model_type") == "blip-2" and "Blip2ForConditionalGeneration" in architectures
+
+
 def looks_like_text_model_dir(path: str) -> bool:
-    """Whether ``path`` is a local directory holding the config.json of a causal or seq2seq text model."""
+    """Whether ``path`` is a local directory holding the config.json of a causal or seq2seq text model, or
+    of a BLIP-2 model (whose language model it then stands for)."""
     config_path = Path(path).expanduser() / "config.json"
     if not config_path.is_file():
         return False
@@ -60,6 +71,8 @@ def looks_like_text_model_dir(path: str) -> bool:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError):
         return False
+    if isinstance(config, dict) and _is_blip2_with_language_model(config):
+        return True
     if not isinstance(config, dict) or "vision_config" in config or "vocab_size" not in config:
         return False
     architectures = config.get("architectures") or []
@@ -83,6 +96,35 @@ def _hub_error(label: str, repo_id: str, err: Exception) -> ModelUnavailableErro
     if not is_cached(repo_id):
         return ModelUnavailableError(_missing_message(label, repo_id))
     return ModelUnavailableError(f"{label} could not be loaded: {one_line(text)}")
+
+
+def _blip2_language_model(directory: Path, config: Any, dtype: str) -> Any:
+    """The language model of a saved BLIP-2 model, built from its text config and ``language_model.*``
+    tensors only (the vision tower and Q-Former are never read)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+
+    text_config = config.text_config
+    mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if text_config.is_encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
+    try:
+        model_class = mapping[type(text_config)]
+    except KeyError:
+        raise ConfigError(
+            f"{directory}: BLIP-2 language model type '{text_config.model_type}' is not a causal or seq2seq LM"
+        ) from None
+    state = load_safetensors_prefixed(directory, (_BLIP2_LM_PREFIX,), strip=_BLIP2_LM_PREFIX)
+    if not state:
+        raise ConfigError(f"{directory} holds no language model weights (no {_BLIP2_LM_PREFIX}* tensors)")
+    return model_class.from_pretrained(None, config=text_config, state_dict=state, dtype=resolve_dtype(dtype))
+
+
+def _blip2_snapshot(label: str, repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except OSError as err:
+        raise _hub_error(label, repo_id, err) from None
 
 
 def load_hf(
@@ -111,11 +153,16 @@ def load_hf(
     options: dict[str, Any] = {"revision": revision}
     try:
         config = AutoConfig.from_pretrained(where, **options)
-        tokenizer = AutoTokenizer.from_pretrained(where, **options)
-        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        model = auto.from_pretrained(
-            where, config=config, dtype=resolve_dtype(dtype), use_safetensors=True if is_local else None, **options
-        )
+        if getattr(config, "model_type", "") == "blip-2":
+            directory = local if is_local else _blip2_snapshot(label, source, revision)
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            model = _blip2_language_model(directory, config, dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(where, **options)
+            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+            model = auto.from_pretrained(
+                where, config=config, dtype=resolve_dtype(dtype), use_safetensors=True if is_local else None, **options
+            )
     except OSError as err:
         if is_local:
             raise ModelUnavailableError(
@@ -181,7 +228,7 @@ def register_language_models(register: Any) -> None:
     register(
         "hf:",
         hf_model,
-        description="any transformers causal or seq2seq LM: hf:org/model (hub id) or hf:/path/to/dir",
+        description="any transformers causal or seq2seq LM, or a BLIP-2 checkpoint's: hf:org/model or hf:/path/to/dir",
         kind="auto",
         matches=looks_like_text_model_dir,
     )

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from blipkit.errors import ConfigError, ModelUnavailableError
-from blipkit.io import load_safetensors, read_json
+from blipkit.io import load_safetensors, load_safetensors_prefixed, read_json
 
 from .init import MINILM
 from .keymap import State, map_lavis, map_transformers
@@ -58,28 +58,6 @@ def _bert_tokenizer_dir(directory: Path) -> str | None:
     return None
 
 
-def _safetensors_subset(directory: Path, prefixes: tuple[str, ...]) -> State:
-    from safetensors import safe_open
-
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    elif (directory / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise ModelUnavailableError(
-            f"{directory} has no model.safetensors; only safetensors checkpoints are imported "
-            "(re-save the model with save_pretrained(..., safe_serialization=True))"
-        )
-    state: State = {}
-    for name in files:
-        with safe_open(str(directory / name), framework="pt") as handle:
-            for key in handle.keys():
-                if key.startswith(prefixes):
-                    state[key] = handle.get_tensor(key)
-    return state
-
-
 def from_transformers_blip2(
     model_or_dir: nn.Module | str | Path, tokenizer: str | None = None, dropout: float | None = None
 ) -> QFormer:
@@ -99,7 +77,7 @@ def from_transformers_blip2(
         if not (directory / "config.json").exists():
             raise ModelUnavailableError(f"{directory} is not a saved transformers model (no config.json)")
         config = read_json(directory / "config.json")
-        state = _safetensors_subset(directory, _HF_WANTED)
+        state = load_safetensors_prefixed(directory, _HF_WANTED)
         source = str(directory)
         tokenizer = tokenizer or _bert_tokenizer_dir(directory)
     if "qformer_config" not in config:

@@ -1,0 +1,1 @@
+"""Built-in checkpoint loaders: models that are not blipkit run directories."""
