@@ -139,11 +139,23 @@ class VisionLanguageModel(nn.Module):
             "length_penalty": gen.length_penalty,
         }
 
-    def caption(self, images: Sequence[ImageInput] | torch.Tensor, prompt: str | None = None, **generation: Any) -> list[str]:
-        """One caption per image (beam search with the recipe's defaults unless overridden)."""
+    def caption(
+        self,
+        images: Sequence[ImageInput] | torch.Tensor,
+        prompt: str | None = None,
+        num_captions: int = 1,
+        **generation: Any,
+    ) -> list[str]:
+        """Captions, ``num_captions`` per image in image order: beam search with the recipe's defaults, or
+        nucleus sampling with ``do_sample=True`` (then top_p 0.9 and temperature 1.0 unless given)."""
         batch = self.pixel_values(images)
         prompt = self.recipe.data.caption_prompt if prompt is None else prompt
-        return self.generate(batch, [prompt] * len(batch), **{**self.generation_defaults(), **generation})
+        settings = {**self.generation_defaults(), **generation, "num_return_sequences": num_captions}
+        if settings.get("do_sample"):
+            settings = {"top_p": 0.9, "temperature": 1.0, **settings, "num_beams": generation.get("num_beams", 1)}
+        elif settings["num_beams"] < num_captions:
+            settings["num_beams"] = num_captions
+        return self.generate(batch, [prompt] * len(batch), **settings)
 
     def vqa_prompt(self, question: str) -> str:
         """The recipe's question prompt, in its decoder-only or encoder-decoder form."""

@@ -177,3 +177,24 @@ def test_task_weights_balance_the_mixture() -> None:
     assert Counter(i for i in mixed if i < 10) == {i: 4 for i in range(10)}
     only = stage_indices(dataset, ["caption"], {"caption": 2.0})
     assert only == list(range(10))
+
+
+def test_validation_split_is_scored_after_each_stage(tmp_path: Path) -> None:
+    overrides = ["stage1.steps=1", "stage2.steps=1",
+                 "data.validation={name: shapes, split: validation, options: {num_images: 4, image_size: 32}}"]
+    result = train(load_recipe("tiny", overrides), output=tmp_path / "run", quiet=True)
+    assert set(result.validation["stage1"]) >= {"retrieval/i2t_r1", "retrieval/t2i_r5"}
+    assert set(result.validation["stage2"]) >= {"caption/CIDEr", "caption/shapes_accuracy", "vqa/accuracy"}
+    rows = [r for r in _metrics(tmp_path / "run") if "split" in r]
+    assert [(r["stage"], r["split"]) for r in rows] == [("stage1", "validation"), ("stage2", "validation")]
+    for stage, task in (("stage1", "retrieval"), ("stage2", "caption"), ("stage2", "vqa")):
+        assert (tmp_path / "run" / "eval-validation" / stage / f"{task}_scores.json").is_file()
+
+
+def test_encoder_decoder_llm_trains(tmp_path: Path) -> None:
+    recipe = load_recipe("tiny", ["~stage1", "stage2.steps=2", "llm=tiny-t5"])
+    train(recipe, output=tmp_path / "run", quiet=True)
+    model = blipkit.load(tmp_path / "run")
+    assert model.llm.is_encoder_decoder
+    answers = model.ask([Image.new("RGB", (32, 32), (0, 200, 0))], ["what color is the circle?"], num_beams=1)
+    assert len(answers) == 1 and isinstance(answers[0], str)

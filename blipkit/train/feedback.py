@@ -78,6 +78,7 @@ def plot_curves(metrics_file: Path, out: Path) -> bool:
     if not metrics_file.exists():
         return False
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if "split" not in row]
     stages = list(dict.fromkeys(row["stage"] for row in rows))
     if not stages:
         return False

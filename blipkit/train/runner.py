@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from blipkit.config import Recipe, StageConfig
 from blipkit.data.collate import Collator
 from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
-from blipkit.errors import BlipkitError, DataError
+from blipkit.errors import BlipkitError, ConfigError, DataError
 from blipkit.io import atomic_write_text, cache_dir, read_json
 from blipkit.pipeline import (
     META_FILE,
@@ -55,6 +55,7 @@ class TrainResult:
     skipped: dict[str, int] = field(default_factory=dict)
     completed: bool = True
     feature_cache: Path | None = None
+    validation: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class BatchIndexSampler(Sampler[list[int]]):
@@ -262,12 +263,36 @@ def train(
             break
         completed.append(stage_name)
         resume_from = None
+        if recipe.data.validation is not None and accelerator.is_main_process:
+            result.validation[stage_name] = validate(model, recipe, stage_name, run_dir, quiet)
 
     if result.completed:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         _remember_last_run(run_dir)
     result.skipped = dict(training_data.skipped)
     return result
+
+
+def validate(model: VisionLanguageModel, recipe: Recipe, stage_name: str, run_dir: Path, quiet: bool) -> dict[str, Any]:
+    """Score the model on the validation split after a stage: retrieval after stage 1, captions and VQA
+    after stage 2 (greedy decoding); predictions go to run/eval-validation/<stage>/, scores to metrics.jsonl."""
+    from blipkit.eval.evaluate import evaluate, write_results
+
+    split = recipe.data.validation
+    dataset = open_dataset(split.name, split.split, split.options)
+    if recipe.data.feature_cache:
+        dataset = cached_features(model, dataset, quiet=quiet)
+    tasks = ["retrieval"] if stage_name == "stage1" else [t for t in ("caption", "vqa") if t in dataset.tasks]
+    scores: dict[str, Any] = {}
+    model.eval()
+    for task in tasks:
+        outcome = evaluate(model, dataset, task, generation={"num_beams": 1})
+        write_results(outcome, run_dir / "eval-validation" / stage_name)
+        scores.update({f"{task}/{k}": v for k, v in outcome.scores.items() if isinstance(v, (int, float))})
+    row = {"stage": stage_name, "step": getattr(recipe, stage_name).steps, "split": split.split, **scores}
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    return scores
 
 
 def cached_features(model: VisionLanguageModel, dataset: Any, quiet: bool = False, batch_size: int = 32) -> CachedFeatureDataset:
@@ -313,9 +338,13 @@ def _run_stage(
     if model.llm is not None and has_lora(model.llm.model):
         trainable.append(model.llm)
     if recipe.gradient_checkpointing:
-        for module in (model.bridge, model.llm):
-            if module is not None and hasattr(module, "gradient_checkpointing_enable"):
-                module.gradient_checkpointing_enable()
+        # The LLM's activations dominate memory; the wrapped transformers model knows how to recompute them.
+        inner = getattr(model.llm, "model", None)
+        if inner is None or not hasattr(inner, "gradient_checkpointing_enable"):
+            if stage_name == "stage2":
+                raise ConfigError("gradient_checkpointing: this language model does not support it; remove the key")
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(trainable, stage)
     scheduler = build_scheduler(optimizer, stage)
     if state is not None:
