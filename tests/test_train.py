@@ -198,3 +198,11 @@ def test_encoder_decoder_llm_trains(tmp_path: Path) -> None:
     assert model.llm.is_encoder_decoder
     answers = model.ask([Image.new("RGB", (32, 32), (0, 200, 0))], ["what color is the circle?"], num_beams=1)
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_gradient_checkpointing_gives_the_same_loss(tmp_path: Path) -> None:
+    base = ["~stage1", "stage2.steps=2", "log_every=1"]
+    train(load_recipe("tiny", base), output=tmp_path / "plain", quiet=True)
+    train(load_recipe("tiny", [*base, "gradient_checkpointing=true"]), output=tmp_path / "ckpt", quiet=True)
+    plain, ckpt = _metrics(tmp_path / "plain"), _metrics(tmp_path / "ckpt")
+    assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-4)
