@@ -340,11 +340,12 @@ def _run_stage(
     if recipe.gradient_checkpointing:
         # The LLM's activations dominate memory; the wrapped transformers model knows how to recompute them.
         inner = getattr(model.llm, "model", None)
-        if inner is None or not hasattr(inner, "gradient_checkpointing_enable"):
-            if stage_name == "stage2":
-                raise ConfigError("gradient_checkpointing: this language model does not support it; remove the key")
-        else:
+        if hasattr(inner, "activation_checkpointing_enable"):
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(inner, "gradient_checkpointing_enable"):
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif stage_name == "stage2":
+            raise ConfigError("gradient_checkpointing: this language model does not support it; remove the key")
     optimizer = build_optimizer(trainable, stage)
     scheduler = build_scheduler(optimizer, stage)
     if state is not None:
