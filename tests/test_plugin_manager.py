@@ -29,6 +29,7 @@ ENCODER_PLUGIN = dedent(
 
 def install_fake_plugin(root: Path, dist: str, module: str, source: str, version: str = "1.2.3") -> None:
     """Write a module and a dist-info with a ``blipkit`` entry point, as pip would install it."""
+    sys.modules.pop(module, None)  # an earlier test may have imported a module of the same name
     root.mkdir(parents=True, exist_ok=True)
     (root / f"{module}.py").write_text(source)
     info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
