@@ -195,7 +195,7 @@ def _coerce(default: Any, value: Any, where: str) -> Any:
             try:
                 return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
             except ValueError:
-                pass
+                raise ConfigError(f"{where}: expected float, got {value!r}") from None
     elif isinstance(default, str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
