@@ -8,12 +8,10 @@ one, and always an EOS after each target), so that every model sees the same lay
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from blipkit.errors import ConfigError, ModelUnavailableError
 from blipkit.interfaces import LanguageModel, LMBatch
@@ -209,7 +207,6 @@ class CausalLM(_HFLanguageModel):
 
     def __init__(self, model: Any, tokenizer: Any, name: str = "", max_target_tokens: int | None = None) -> None:
         super().__init__(model, tokenizer, name=name, max_target_tokens=max_target_tokens)
-        self._logits_to_keep: bool | None = None
         tokenizer.padding_side = "left"
 
     def _prompt_ids(self, prompt: str) -> list[int]:
@@ -253,23 +250,13 @@ class CausalLM(_HFLanguageModel):
         embeds = torch.cat([prefix, self.embed(batch.input_ids)], dim=1)
         ones = torch.ones(size, length, dtype=batch.attention_mask.dtype, device=self.device)
         ignore = torch.full((size, length), IGNORE_INDEX, dtype=batch.labels.dtype, device=self.device)
-        labels = torch.cat([ignore, batch.labels], dim=1)
-        attention_mask = torch.cat([ones, batch.attention_mask], dim=1)
-        if not self._keeps_logits():
-            out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-            return out.loss
-        # Only positions followed by a target token need the (vocabulary-wide) LM head.
-        targets = labels[:, 1:]
-        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
-        return F.cross_entropy(out.logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX)
-
-    def _keeps_logits(self) -> bool:
-        """Whether the underlying model's forward takes ``logits_to_keep`` (most transformers causal LMs)."""
-        if self._logits_to_keep is None:
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self._logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
-        return self._logits_to_keep
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=torch.cat([ones, batch.attention_mask], dim=1),
+            labels=torch.cat([ignore, batch.labels], dim=1),
+            use_cache=False,
+        )
+        return out.loss
 
     @torch.no_grad()
     def generate(self, prefix_embeds: torch.Tensor, prompts: list[str], **generation: Any) -> list[str]:
