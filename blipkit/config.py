@@ -296,9 +296,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         for key in keys[:-1]:
             child = node.get(key)
-            if not isinstance(child, dict):
+            if isinstance(child, str):
+                child = {"name": child}  # the shorthand encoder=NAME, extended by encoder.options=...
+            elif not isinstance(child, dict):
                 child = {}
-                node[key] = child
+            node[key] = child
             node = child
         node[keys[-1]] = _parse_value(raw)
     return data

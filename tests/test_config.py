@@ -47,6 +47,8 @@ def test_overrides_set_remove_and_type() -> None:
     assert recipe.stage1 is None and recipe.stage2.lr == 5e-4
     assert recipe.encoder.name == "siglip" and recipe.encoder.options == {}
     assert recipe.data.train.name == "hf:dir" and recipe.data.train.split == "train"
+    shorthand = load_recipe("tiny", ["bridge=mlp", "bridge.options={num_tokens: 8}"])
+    assert shorthand.bridge.name == "mlp" and shorthand.bridge.options == {"num_tokens": 8}
 
 
 @pytest.mark.parametrize(
