@@ -81,7 +81,9 @@ class StageConfig:
     """One training stage: steps counted in optimizer steps, AdamW with warmup and cosine decay.
 
     ``task_weights`` (e.g. ``{caption: 0.5, vqa: 0.5}``) sets each task's share of the samples seen by
-    repeating the samples of rarer tasks; None keeps the dataset's own proportions.
+    repeating the samples of rarer tasks; None keeps the dataset's own proportions. ``lr_scale`` (e.g.
+    ``{projection: 30}``) multiplies ``lr`` and ``min_lr`` for the parameters of a component (bridge,
+    projection, llm); the others train at ``lr``.
     """
 
     steps: int = 1000
@@ -96,6 +98,7 @@ class StageConfig:
     batch_size: int | None = None
     tasks: list[str] = field(default_factory=lambda: ["caption"])
     task_weights: dict[str, float] | None = None
+    lr_scale: dict[str, float] | None = None
 
 
 @dataclass
@@ -144,8 +147,9 @@ _NESTED: dict[str, type] = {
     "train": DatasetConfig,
     "validation": DatasetConfig,
 }
-_FREE_FORM = {"options", "lora", "task_weights"}
+_FREE_FORM = {"options", "lora", "task_weights", "lr_scale"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_SCALE_PARTS = ("bridge", "projection", "llm")
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
@@ -162,7 +166,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         if key not in known:
             raise ConfigError(f"{where}: unknown key; {path or 'a recipe'} takes: {', '.join(known)}")
         if key in _FREE_FORM:
-            if value is None and key in ("lora", "task_weights"):
+            if value is None and key in ("lora", "task_weights", "lr_scale"):
                 kwargs[key] = None
             elif not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping of options, got {value!r}")
@@ -226,6 +230,14 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         if set(weights) - set(stage.tasks) or any(not isinstance(w, (int, float)) or w <= 0 for w in weights.values()):
             raise ConfigError(
                 f"{stage_name}.task_weights: expected positive numbers for tasks among {stage.tasks}, got {weights}"
+            )
+        scales = stage.lr_scale or {}
+        if set(scales) - set(LR_SCALE_PARTS) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in scales.values()
+        ):
+            raise ConfigError(
+                f"{stage_name}.lr_scale: expected positive multipliers for parts among {', '.join(LR_SCALE_PARTS)}, "
+                f"got {scales}"
             )
     if recipe.stage1 is None and recipe.stage2 is None:
         raise ConfigError("the recipe has no stage: set stage1 and/or stage2")

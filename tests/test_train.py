@@ -14,6 +14,7 @@ from PIL import Image
 import blipkit
 from blipkit.cli import cli
 from blipkit.config import StageConfig, load_recipe
+from blipkit.errors import ConfigError
 from blipkit.io import load_safetensors
 from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
 from blipkit.train.runner import train
@@ -101,6 +102,27 @@ def test_schedule_counts_optimizer_steps_under_accumulation(tmp_path: Path) -> N
     stage = load_recipe("tiny", overrides).stage2
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, stage) for s in range(3)])
+
+
+def test_lr_scale_gives_a_part_its_own_schedule() -> None:
+    stage = StageConfig(steps=20, lr=1e-4, min_lr=1e-5, warmup_steps=4, lr_scale={"projection": 30})
+    bridge, projection = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+    optimizer = build_optimizer({"bridge": bridge, "projection": projection}, stage)
+    scheduler = build_scheduler(optimizer, stage)
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert by_param[id(projection.weight)]["weight_decay"] == 0.05 and by_param[id(projection.bias)]["weight_decay"] == 0.0
+    for step in range(20):
+        assert by_param[id(bridge.weight)]["lr"] == pytest.approx(lr_at(step, stage))
+        assert by_param[id(projection.weight)]["lr"] == pytest.approx(30 * lr_at(step, stage))
+        assert by_param[id(projection.bias)]["lr"] == pytest.approx(30 * lr_at(step, stage))
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("scale", ["{encoder: 2}", "{projection: 0}", "{projection: -1}"])
+def test_lr_scale_rejects_unknown_parts_and_non_positive_values(scale: str) -> None:
+    with pytest.raises(ConfigError, match="stage2.lr_scale"):
+        load_recipe("tiny", [f"stage2.lr_scale={scale}"])
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,20 +14,33 @@ from blipkit.config import StageConfig
 __all__ = ["build_optimizer", "build_scheduler", "lr_at"]
 
 
-def build_optimizer(modules: Iterable[nn.Module], stage: StageConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases, norms and other 1-D tensors."""
-    decay, no_decay, seen = [], [], set()
-    for module in modules:
+def build_optimizer(modules: Mapping[str, nn.Module] | Iterable[nn.Module], stage: StageConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and other 1-D tensors.
+
+    ``modules`` maps part names (bridge, projection, llm) to modules, so ``stage.lr_scale`` can give a
+    part its own learning rate; a plain iterable trains everything at ``stage.lr``.
+    """
+    named = modules.items() if isinstance(modules, Mapping) else ((None, m) for m in modules)
+    scales = stage.lr_scale or {}
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for part, module in named:
+        decay, no_decay = [], []
         for name, param in module.named_parameters():
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": stage.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps)
+        lr = stage.lr * scales.get(part, 1.0) if part is not None else stage.lr
+        groups += [
+            {"params": decay, "weight_decay": stage.weight_decay, "lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+        ]
+    merged: dict[tuple[float, float], dict[str, Any]] = {}
+    for group in groups:
+        key = (group["lr"], group["weight_decay"])
+        merged.setdefault(key, {**group, "params": []})["params"].extend(group["params"])
+    return torch.optim.AdamW([g for g in merged.values() if g["params"]], lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps)
 
 
 def lr_at(step: int, stage: StageConfig) -> float:
@@ -39,5 +53,5 @@ def lr_at(step: int, stage: StageConfig) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR that follows ``lr_at``; step it once per optimizer step."""
+    """A LambdaLR that follows ``lr_at``, scaled per group by its ``lr_scale``; step it once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, stage) / stage.lr)

@@ -331,12 +331,12 @@ def _run_stage(
 ) -> tuple[int, dict[str, float]]:
     accelerator.gradient_accumulation_steps = stage.grad_accum
     accelerator.step = 0
-    trainable = [m for m in (model.bridge, model.projection) if m is not None]
-    for module in trainable:
+    trainable = {part: m for part, m in (("bridge", model.bridge), ("projection", model.projection)) if m is not None}
+    for module in trainable.values():
         if not has_lora(module):
             module.requires_grad_(True)
     if model.llm is not None and has_lora(model.llm.model):
-        trainable.append(model.llm)
+        trainable["llm"] = model.llm
     if recipe.gradient_checkpointing:
         # The LLM's activations dominate memory; the wrapped transformers model knows how to recompute them.
         inner = getattr(model.llm, "model", None)
@@ -378,7 +378,7 @@ def _run_stage(
         # After the loader: starting its iterator draws from the global generator.
         restore_rng(*state["rng"])
     end = stage.steps if budget is None else min(stage.steps, start_step + max(0, budget))
-    params = [p for m in trainable for p in m.parameters() if p.requires_grad]
+    params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
     metrics_path = checkpointer.run_dir / "metrics.jsonl"
     final: dict[str, float] = {}
     wrapped.train()
