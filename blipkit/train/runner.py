@@ -37,7 +37,7 @@ from blipkit.pipeline import (
 )
 from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
 from blipkit.train.lora import has_lora
-from blipkit.train.optim import build_optimizer, build_scheduler
+from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
 from blipkit.train.state import load_trainer_state, restore_rng, save_trainer_state
 
 __all__ = ["TrainResult", "open_dataset", "run_dir_for", "train"]
@@ -401,7 +401,7 @@ def _run_stage(
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / stage.grad_accum
                 samples += batch["size"]
-            lr = scheduler.get_last_lr()[0]
+            lr = lr_at(step, stage)
             scheduler.step()
             elapsed = time.perf_counter() - started
             final = {**sums, "lr": lr, "samples_per_s": samples * accelerator.num_processes / elapsed}
