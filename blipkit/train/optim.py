@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,26 +20,19 @@ def build_optimizer(modules: Mapping[str, nn.Module] | Iterable[nn.Module], stag
     part its own learning rate; a plain iterable trains everything at ``stage.lr``.
     """
     named = modules.items() if isinstance(modules, Mapping) else ((None, m) for m in modules)
-    scales = stage.lr_scale or {}
-    groups: list[dict[str, Any]] = []
+    scales: dict[str | None, float] = dict(stage.lr_scale or {})
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for part, module in named:
-        decay, no_decay = [], []
+        lr = stage.lr * scales.get(part, 1.0)
         for name, param in module.named_parameters():
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
-        lr = stage.lr * scales.get(part, 1.0) if part is not None else stage.lr
-        groups += [
-            {"params": decay, "weight_decay": stage.weight_decay, "lr": lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-        ]
-    merged: dict[tuple[float, float], dict[str, Any]] = {}
-    for group in groups:
-        key = (group["lr"], group["weight_decay"])
-        merged.setdefault(key, {**group, "params": []})["params"].extend(group["params"])
-    return torch.optim.AdamW([g for g in merged.values() if g["params"]], lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps)
+            decay = 0.0 if param.ndim < 2 or name.endswith(".bias") else stage.weight_decay
+            groups.setdefault((lr, decay), []).append(param)
+    param_groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps)
 
 
 def lr_at(step: int, stage: StageConfig) -> float:
