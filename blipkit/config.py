@@ -8,6 +8,7 @@ off, so ``~stage1`` runs stage 2 alone).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         if key not in known:
             raise ConfigError(f"{where}: unknown key; {path or 'a recipe'} takes: {', '.join(known)}")
         if key in _FREE_FORM:
-            if value is None and key in ("lora", "task_weights", "lr_scale"):
+            if value is None and key != "options":
                 kwargs[key] = None
             elif not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping of options, got {value!r}")
@@ -209,6 +210,15 @@ def _coerce(default: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
 
 
+def _check_positive_mapping(where: str, mapping: dict[str, Any] | None, allowed: Sequence[str], what: str) -> None:
+    """Raise ConfigError unless every key of ``mapping`` is in ``allowed`` and every value a positive number."""
+    values = mapping or {}
+    if set(values) - set(allowed) or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in values.values()
+    ):
+        raise ConfigError(f"{where}: expected positive {what} among {', '.join(allowed)}, got {values}")
+
+
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Validate the shape of ``data`` (keys and value types) and build a Recipe."""
     recipe = _build(Recipe, data, "")
@@ -226,19 +236,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         unknown = set(stage.tasks) - {"caption", "vqa"}
         if unknown or not stage.tasks:
             raise ConfigError(f"{stage_name}.tasks: expected a non-empty list of caption and/or vqa, got {stage.tasks}")
-        weights = stage.task_weights or {}
-        if set(weights) - set(stage.tasks) or any(not isinstance(w, (int, float)) or w <= 0 for w in weights.values()):
-            raise ConfigError(
-                f"{stage_name}.task_weights: expected positive numbers for tasks among {stage.tasks}, got {weights}"
-            )
-        scales = stage.lr_scale or {}
-        if set(scales) - set(LR_SCALE_PARTS) or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in scales.values()
-        ):
-            raise ConfigError(
-                f"{stage_name}.lr_scale: expected positive multipliers for parts among {', '.join(LR_SCALE_PARTS)}, "
-                f"got {scales}"
-            )
+        _check_positive_mapping(f"{stage_name}.task_weights", stage.task_weights, stage.tasks, "numbers for tasks")
+        _check_positive_mapping(f"{stage_name}.lr_scale", stage.lr_scale, LR_SCALE_PARTS, "multipliers for parts")
     if recipe.stage1 is None and recipe.stage2 is None:
         raise ConfigError("the recipe has no stage: set stage1 and/or stage2")
     for part in ("encoder", "bridge", "projection", "llm"):

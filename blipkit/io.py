@@ -98,7 +98,8 @@ def load_safetensors_prefixed(directory: str | Path, prefixes: tuple[str, ...], 
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map") if isinstance(read_json(index), dict) else None
+        contents = read_json(index)
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
         if not isinstance(weight_map, dict):
             raise DataError(f"{index} is not a valid safetensors index; fix or delete it")
         files = [directory / name for name in sorted(set(weight_map.values()))]
