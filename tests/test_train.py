@@ -83,7 +83,7 @@ def test_schedule_warmup_cosine_and_minimum() -> None:
     assert lr_at(55, stage) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
     assert lr_at(100, stage) == pytest.approx(1e-5)
     layer = torch.nn.Linear(2, 2)
-    optimizer = build_optimizer([layer], stage)
+    optimizer = build_optimizer({"bridge": layer}, stage)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
     assert optimizer.param_groups[1]["params"][0] is layer.bias
     scheduler = build_scheduler(optimizer, stage)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -13,17 +13,16 @@ from blipkit.config import StageConfig
 __all__ = ["build_optimizer", "build_scheduler", "lr_at"]
 
 
-def build_optimizer(modules: Mapping[str, nn.Module] | Iterable[nn.Module], stage: StageConfig) -> torch.optim.AdamW:
+def build_optimizer(modules: Mapping[str, nn.Module], stage: StageConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on biases, norms and other 1-D tensors.
 
-    ``modules`` maps part names (bridge, projection, llm) to modules, so ``stage.lr_scale`` can give a
-    part its own learning rate; a plain iterable trains everything at ``stage.lr``.
+    ``modules`` maps part names (bridge, projection, llm) to modules; ``stage.lr_scale`` can give a part
+    its own learning rate.
     """
-    named = modules.items() if isinstance(modules, Mapping) else ((None, m) for m in modules)
-    scales: dict[str | None, float] = dict(stage.lr_scale or {})
+    scales = stage.lr_scale or {}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
-    for part, module in named:
+    for part, module in modules.items():
         lr = stage.lr * scales.get(part, 1.0)
         for name, param in module.named_parameters():
             if not param.requires_grad or id(param) in seen:
