@@ -20,11 +20,34 @@ import torch
 import blipkit
 from blipkit.config import load_recipe
 from blipkit.eval.evaluate import evaluate, write_results
+from blipkit.eval.shapes import COLORS, SHAPES
+from blipkit.eval.vqa import normalize_answer
 from blipkit.train.runner import cached_features, open_dataset, train
 
 # Chance levels on shapes: 6 colours x 3 shapes for a one-shape caption; answers to colour (1/6),
 # shape (1/3) and count (1/2) questions, weighted as the test split asks them.
 CHANCE_CAPTION_SINGLE = 1 / 18
+
+
+def question_type(answer: str) -> str:
+    """``count``, ``shape`` or ``colour``: what a shapes question asks, read off its answer."""
+    return "count" if answer.isdigit() else "shape" if answer in SHAPES else "colour"
+
+
+def breakdown(captions: list[dict], answers: list[dict]) -> dict[str, float]:
+    """Where the errors are: single-shape captions' colour and shape words, and VQA accuracy by question type."""
+    single = [p for p in captions if len(p["objects"]) == 1]
+    words = [set(p["caption"].lower().split()) for p in single]
+    report = {
+        "single_shape_colour_right": sum(w & COLORS == {p["objects"][0]["color"]} for w, p in zip(words, single)),
+        "single_shape_shape_right": sum(w & SHAPES == {p["objects"][0]["shape"]} for w, p in zip(words, single)),
+    }
+    report = {name: count / max(1, len(single)) for name, count in report.items()}
+    for kind in ("count", "shape", "colour"):
+        rows = [p for p in answers if question_type(p["answers"][0]) == kind]
+        right = sum(normalize_answer(p["answer"]) == normalize_answer(p["answers"][0]) for p in rows)
+        report[f"vqa_{kind}_accuracy"] = right / max(1, len(rows))
+    return report
 
 
 def main() -> None:
@@ -65,7 +88,8 @@ def main() -> None:
     write_results(vqa, out)
 
     questions = [p["answers"][0] for p in vqa.predictions]
-    chance_vqa = sum(1 / 2 if a.isdigit() else 1 / 3 if a in ("circle", "square", "triangle") else 1 / 6 for a in questions) / len(questions)
+    chance = {"count": 1 / 2, "shape": 1 / 3, "colour": 1 / 6}
+    chance_vqa = sum(chance[question_type(a)] for a in questions) / len(questions)
     report = {
         "single_shape_caption_accuracy": captions.scores["shapes_single_shape"],
         "single_shape_images": captions.scores["shapes_single_count"],
@@ -76,6 +100,7 @@ def main() -> None:
         "chance_vqa": chance_vqa,
         "Bleu_4": captions.scores["Bleu_4"],
         "CIDEr": captions.scores["CIDEr"],
+        **breakdown(captions.predictions, vqa.predictions),
         **timings,
     }
     print(json.dumps(report, indent=2))

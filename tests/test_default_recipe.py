@@ -1,0 +1,66 @@
+"""The embedded offline default, shortened, on its real weights: do its captions read the image?"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+import blipkit
+from blipkit.config import load_recipe
+from blipkit.eval.evaluate import evaluate
+from blipkit.plugins.datasets.shapes import SHAPES
+from blipkit.train.runner import cached_features, open_dataset, train
+
+CHANCE_SHAPE = 1 / 3
+"""A guess at one of the three shapes."""
+
+SHORTENED = [
+    "data.train.options={num_images: 320}",
+    "stage1.steps=20",
+    "stage1.warmup_steps=2",
+    "stage2.steps=40",
+    "stage2.warmup_steps=4",
+    "stage2.tasks=[caption]",
+    "stage2.task_weights=null",
+]
+"""Half the default's steps, a quarter of its images, and captions alone in stage 2."""
+
+
+def binomial_tail(successes: int, trials: int, p: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, p)."""
+    return sum(math.comb(trials, k) * p**k * (1 - p) ** (trials - k) for k in range(successes, trials + 1))
+
+
+def test_binomial_tail_matches_hand_values() -> None:
+    assert binomial_tail(0, 5, 0.3) == pytest.approx(1.0)
+    assert binomial_tail(5, 5, 0.5) == pytest.approx(1 / 32)
+    assert binomial_tail(1, 2, 0.5) == pytest.approx(0.75)
+    assert binomial_tail(60, 119, CHANCE_SHAPE) < 1e-4 < binomial_tail(50, 119, CHANCE_SHAPE)
+
+
+def named_shapes(caption: str) -> list[str]:
+    """The shape words of a caption, in order."""
+    return [word for word in re.findall(r"[a-z]+", caption.lower()) if word in SHAPES]
+
+
+@pytest.mark.slow
+def test_shortened_default_captions_name_the_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On every single-shape image of the test split, captions name the right shape, and nothing else, far
+    more often than guessing would (binomial p < 1e-6; two seeds gave 114 and 115 of 119).
+
+    At this budget colours are not learned yet, and captions often miss the second shape of a pair (the
+    share of captions naming the right number of shapes was 53% with one seed, 71% with another), so
+    neither is checked. About 5.5 minutes on 2 CPU cores.
+    """
+    monkeypatch.setenv("BLIPKIT_CACHE", str(tmp_path / "cache"))
+    train(load_recipe("default", SHORTENED), output=tmp_path / "run", quiet=True)
+    model = blipkit.load(tmp_path / "run")
+    test = cached_features(model, open_dataset("shapes", "test", {}), quiet=True)
+    result = evaluate(model, test, "caption", batch_size=40, generation={"num_beams": 1})
+    singles = [p for p in result.predictions if len(p["objects"]) == 1]
+    assert len(singles) >= 100
+    right = sum(named_shapes(p["caption"]) == [p["objects"][0]["shape"]] for p in singles)
+    assert binomial_tail(right, len(singles), CHANCE_SHAPE) < 1e-6, (right, len(singles), result.predictions[:6])
