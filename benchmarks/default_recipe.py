@@ -20,7 +20,7 @@ import torch
 import blipkit
 from blipkit.config import load_recipe
 from blipkit.eval.evaluate import evaluate, write_results
-from blipkit.eval.shapes import COLORS, SHAPES
+from blipkit.eval.shapes import SHAPES, mentions
 from blipkit.eval.vqa import normalize_answer
 from blipkit.train.runner import cached_features, open_dataset, train
 
@@ -37,10 +37,10 @@ def question_type(answer: str) -> str:
 def breakdown(captions: list[dict], answers: list[dict]) -> dict[str, float]:
     """Where the errors are: single-shape captions' colour and shape words, and VQA accuracy by question type."""
     single = [p for p in captions if len(p["objects"]) == 1]
-    words = [set(p["caption"].lower().split()) for p in single]
+    named = [mentions(p["caption"]) for p in single]
     report = {
-        "single_shape_colour_right": sum(w & COLORS == {p["objects"][0]["color"]} for w, p in zip(words, single)),
-        "single_shape_shape_right": sum(w & SHAPES == {p["objects"][0]["shape"]} for w, p in zip(words, single)),
+        "single_shape_colour_right": sum(set(m[0]) == {p["objects"][0]["color"]} for m, p in zip(named, single)),
+        "single_shape_shape_right": sum(set(m[1]) == {p["objects"][0]["shape"]} for m, p in zip(named, single)),
     }
     report = {name: count / max(1, len(single)) for name, count in report.items()}
     for kind in ("count", "shape", "colour"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 import blipkit
 from blipkit.config import load_recipe
 from blipkit.eval.evaluate import evaluate
-from blipkit.plugins.datasets.shapes import SHAPES
+from blipkit.eval.shapes import mentions
 from blipkit.train.runner import cached_features, open_dataset, train
 
 CHANCE_SHAPE = 1 / 3
@@ -41,11 +40,6 @@ def test_binomial_tail_matches_hand_values() -> None:
     assert binomial_tail(60, 119, CHANCE_SHAPE) < 1e-4 < binomial_tail(50, 119, CHANCE_SHAPE)
 
 
-def named_shapes(caption: str) -> list[str]:
-    """The shape words of a caption, in order."""
-    return [word for word in re.findall(r"[a-z]+", caption.lower()) if word in SHAPES]
-
-
 @pytest.mark.slow
 def test_shortened_default_captions_name_the_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On every single-shape image of the test split, captions name the right shape, and nothing else, far
@@ -62,5 +56,5 @@ def test_shortened_default_captions_name_the_shape(tmp_path: Path, monkeypatch: 
     result = evaluate(model, test, "caption", batch_size=40, generation={"num_beams": 1})
     singles = [p for p in result.predictions if len(p["objects"]) == 1]
     assert len(singles) >= 100
-    right = sum(named_shapes(p["caption"]) == [p["objects"][0]["shape"]] for p in singles)
+    right = sum(mentions(p["caption"])[1] == [p["objects"][0]["shape"]] for p in singles)
     assert binomial_tail(right, len(singles), CHANCE_SHAPE) < 1e-6, (right, len(singles), result.predictions[:6])

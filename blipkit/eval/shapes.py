@@ -8,7 +8,7 @@ from typing import Any
 
 from blipkit.errors import DataError
 
-__all__ = ["shapes_caption_accuracy", "shapes_caption_correct"]
+__all__ = ["mentions", "shapes_caption_accuracy", "shapes_caption_correct"]
 
 # The vocabulary of the built-in shapes dataset (the core may not import a plugin, so it is restated here).
 COLORS = frozenset({"red", "green", "blue", "yellow", "white", "purple"})
@@ -31,7 +31,7 @@ def _shape_word(word: str) -> str | None:
     return None
 
 
-def _mentions(caption: str) -> tuple[list[str], list[str], set[tuple[str, str]]]:
+def mentions(caption: str) -> tuple[list[str], list[str], set[tuple[str, str]]]:
     """Colour words, shape words and (colour, shape) pairs where a colour word directly precedes a shape word."""
     colors: list[str] = []
     shapes: list[str] = []
@@ -70,7 +70,7 @@ def shapes_caption_correct(caption: str, objects: Sequence[Mapping[str, Any]]) -
     square. The spatial relation is not checked.
     """
     truth = _ground_truth(objects)
-    colors, shapes, pairs = _mentions(caption)
+    colors, shapes, pairs = mentions(caption)
     if set(colors) != {color for color, _ in truth} or set(shapes) != {shape for _, shape in truth}:
         return False
     return len(truth) == 1 or pairs == truth
