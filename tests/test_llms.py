@@ -13,7 +13,7 @@ from torch import nn
 
 from blipkit import plugin_manager
 from blipkit.errors import BlipkitError, ConfigError, ModelUnavailableError
-from blipkit.plugins.llms import gguf_lm
+from blipkit.plugins.llms import _hf, gguf_lm
 from blipkit.plugins.llms._hf import CausalLM, Seq2SeqLM
 from blipkit.plugins.llms.tiny import build_tokenizer, tiny_llama, tiny_t5
 
@@ -119,13 +119,24 @@ def test_causal_only_target_positions_carry_loss(causal: CausalLM) -> None:
         causal.loss(prefix, batch).backward()
     finally:
         handle.remove()
+    # logits at position t predict token t + 1; the prefix shifts text by q
+    predicting = [set(((batch.labels[row] != -100).nonzero().flatten() + q - 1).tolist()) for row in range(2)]
+    union = sorted(predicting[0] | predicting[1])
     grad_rows = captured["logits"].grad.abs().sum(-1)
+    # The vocabulary head runs only at positions that predict a label in some row.
+    assert grad_rows.shape[1] == len(union) < batch.input_ids.shape[1] + q
     for row in range(2):
-        labelled = (batch.labels[row] != -100).nonzero().flatten()
-        # logits at position t predict token t + 1; the prefix shifts text by q
-        predicting = set((labelled + q - 1).tolist())
-        for position in range(grad_rows.shape[1]):
-            assert (grad_rows[row, position] > 0) == (position in predicting), (row, position)
+        for column, position in enumerate(union):
+            assert (grad_rows[row, column] > 0) == (position in predicting[row]), (row, position)
+
+
+def test_causal_loss_without_logits_to_keep_is_the_same(causal: CausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models whose forward lacks ``logits_to_keep`` take the full-logits path, with the same loss."""
+    batch = causal.tokenize(PROMPTS, TARGETS)
+    prefix = _prefix(causal)
+    kept = causal.loss(prefix, batch).item()
+    monkeypatch.setattr(_hf, "_keeps_logits", lambda model: False)
+    assert causal.loss(prefix, batch).item() == pytest.approx(kept, rel=1e-6)
 
 
 def test_causal_padding_content_is_ignored(causal: CausalLM) -> None:

@@ -8,6 +8,7 @@ one, and always an EOS after each target), so that every model sees the same lay
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -188,6 +189,12 @@ class _HFLanguageModel(LanguageModel):
         return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
+def _keeps_logits(model: Any) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (a tensor of positions) as transformers' do."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def _pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
@@ -250,13 +257,18 @@ class CausalLM(_HFLanguageModel):
         embeds = torch.cat([prefix, self.embed(batch.input_ids)], dim=1)
         ones = torch.ones(size, length, dtype=batch.attention_mask.dtype, device=self.device)
         ignore = torch.full((size, length), IGNORE_INDEX, dtype=batch.labels.dtype, device=self.device)
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=torch.cat([ones, batch.attention_mask], dim=1),
-            labels=torch.cat([ignore, batch.labels], dim=1),
-            use_cache=False,
+        labels = torch.cat([ignore, batch.labels], dim=1)
+        mask = torch.cat([ones, batch.attention_mask], dim=1)
+        targets = labels[:, 1:]
+        # Only positions that predict a label need the vocabulary-sized head: the visual prefix and most of
+        # the prompt do not, and their logits would cost time and B x L x vocab memory for nothing.
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        if keep.numel() == 0 or not _keeps_logits(self.model):
+            return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        return torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX
         )
-        return out.loss
 
     @torch.no_grad()
     def generate(self, prefix_embeds: torch.Tensor, prompts: list[str], **generation: Any) -> list[str]:
