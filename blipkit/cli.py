@@ -239,6 +239,9 @@ def train(
     for stage, metrics in result.final.items():
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("lr", "samples_per_s"))
         click.echo(f"{stage}: {summary}")
+    if result.projection_fit is not None:
+        fit = result.projection_fit
+        click.echo(f"projection fitted to spell {fit.samples} captions (lexical init, R2 {fit.r2:.3f})")
     for stage, scores in result.validation.items():
         click.echo(f"{stage} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
     if result.feature_cache is not None:

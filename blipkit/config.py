@@ -84,7 +84,10 @@ class StageConfig:
     ``task_weights`` (e.g. ``{caption: 0.5, vqa: 0.5}``) sets each task's share of the samples seen by
     repeating the samples of rarer tasks; None keeps the dataset's own proportions. ``lr_scale`` (e.g.
     ``{projection: 30}``) multiplies ``lr`` and ``min_lr`` for the parameters of a component (bridge,
-    projection, llm); the others train at ``lr``.
+    projection, llm); the others train at ``lr``. ``projection_init`` (stage 2 only): ``lexical`` fits the
+    projection's read-out by least squares, before the first step, so that the visual prefix spells each
+    training image's caption in the LLM's token embeddings (docs/architecture.md); None keeps its
+    initialisation.
     """
 
     steps: int = 1000
@@ -100,6 +103,7 @@ class StageConfig:
     tasks: list[str] = field(default_factory=lambda: ["caption"])
     task_weights: dict[str, float] | None = None
     lr_scale: dict[str, float] | None = None
+    projection_init: str | None = None
 
 
 @dataclass
@@ -151,6 +155,7 @@ _NESTED: dict[str, type] = {
 _FREE_FORM = {"options", "lora", "task_weights", "lr_scale"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCALE_PARTS = ("bridge", "projection", "llm")
+PROJECTION_INITS = ("lexical",)
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
@@ -238,8 +243,18 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
             raise ConfigError(f"{stage_name}.tasks: expected a non-empty list of caption and/or vqa, got {stage.tasks}")
         _check_positive_mapping(f"{stage_name}.task_weights", stage.task_weights, stage.tasks, "numbers for tasks")
         _check_positive_mapping(f"{stage_name}.lr_scale", stage.lr_scale, LR_SCALE_PARTS, "multipliers for parts")
+        if stage.projection_init is not None and (stage_name != "stage2" or stage.projection_init not in PROJECTION_INITS):
+            raise ConfigError(
+                f"{stage_name}.projection_init: expected {' or '.join(PROJECTION_INITS)} in stage2 only, "
+                f"got {stage.projection_init!r}; remove the key to keep the projection's own initialisation"
+            )
     if recipe.stage1 is None and recipe.stage2 is None:
         raise ConfigError("the recipe has no stage: set stage1 and/or stage2")
+    if recipe.stage2 is not None and recipe.stage2.projection_init and recipe.projection.pretrained:
+        raise ConfigError(
+            "stage2.projection_init would overwrite the weights of projection.pretrained; "
+            "remove one of the two (~stage2.projection_init keeps the pretrained projection)"
+        )
     for part in ("encoder", "bridge", "projection", "llm"):
         component = getattr(recipe, part)
         allowed = ("full", "lora") if part == "bridge" else ("full",)
@@ -367,6 +382,15 @@ def validate_recipe(recipe: Recipe) -> None:
         registry.check_kwargs(component.name, {**component.options, **{k: 0 for k in _AUTO_OPTIONS.get(key, ())}}, where=f"{key}.options")
         if component.pretrained and not Path(component.pretrained).exists():
             raise ConfigError(f"{key}.pretrained: {component.pretrained} does not exist")
+    if recipe.stage2 is not None and recipe.stage2.projection_init:
+        from blipkit.interfaces import Bridge
+
+        factory = regs.bridges.resolve(recipe.projection.name).entry.factory
+        if isinstance(factory, type) and issubclass(factory, Bridge) and factory.readout is Bridge.readout:
+            raise ConfigError(
+                f"stage2.projection_init: projection '{recipe.projection.name}' has no linear read-out to fit; "
+                "use projection linear or mlp, or remove the key"
+            )
     for split_key in ("train", "validation"):
         dataset: DatasetConfig | None = getattr(recipe.data, split_key)
         if dataset is None:

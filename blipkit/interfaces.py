@@ -84,6 +84,19 @@ class Bridge(nn.Module, abc.ABC):
     ) -> BridgeOutput:
         """Map tokens [B, N, D_in] (mask [B, N], 1 = keep) to a BridgeOutput with queries [B, Q, H]."""
 
+    def readout(
+        self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The bridge's output as a linear read-out: ``(features [B, Q, F], fixed [B, Q, output_dim] or None)``
+        with ``forward(...).queries == features @ W + fixed`` (in eval mode) for the [F, output_dim] matrix ``W`` that
+        ``set_readout`` installs. None (the default) when the output is not linear in a read-out of the
+        bridge's own; a lexical warm start (``stage2.projection_init: lexical``) then refuses the bridge."""
+        return None
+
+    def set_readout(self, weight: torch.Tensor) -> None:
+        """Install the read-out matrix ``weight`` [F, output_dim] described by ``readout``."""
+        raise NotImplementedError(f"{type(self).__name__} has no linear read-out")
+
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` into the directory ``path``."""
         from blipkit.io import atomic_write_json, save_safetensors

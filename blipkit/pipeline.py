@@ -65,7 +65,8 @@ class VisionLanguageModel(nn.Module):
         with torch.no_grad():
             return self.encoder(pixel_values.to(self.device))
 
-    def _batch_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+    def batch_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A batch's image tokens [B, N, D] in float32: the cached ones, else the encoder's."""
         tokens = batch.get("image_tokens")
         if tokens is None:
             tokens = self.image_tokens(batch["pixel_values"])
@@ -86,7 +87,7 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, batch: dict[str, Any], objective: str) -> dict[str, torch.Tensor]:
         """Losses of one batch: ``objective`` is ``stage1`` (Q-Former objectives) or ``stage2`` (LM loss)."""
-        tokens = self._batch_tokens(batch)
+        tokens = self.batch_tokens(batch)
         mask = batch.get("image_mask")
         if objective == "stage1":
             return self.bridge.stage1_loss(tokens, batch["bridge_text"], image_mask=mask, image_ids=batch.get("image_keys"))

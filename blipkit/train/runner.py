@@ -36,6 +36,7 @@ from blipkit.pipeline import (
     write_meta,
 )
 from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
+from blipkit.train.lexical import LexicalFit, lexical_init
 from blipkit.train.lora import has_lora
 from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
 from blipkit.train.state import load_trainer_state, restore_rng, save_trainer_state
@@ -56,6 +57,7 @@ class TrainResult:
     completed: bool = True
     feature_cache: Path | None = None
     validation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    projection_fit: LexicalFit | None = None
 
 
 class BatchIndexSampler(Sampler[list[int]]):
@@ -252,6 +254,8 @@ def train(
             if progress["stage"] == stage_name:
                 state = load_trainer_state(checkpoint / "trainer_state")
                 start_step = progress["step"]
+        if stage_name == "stage2" and stage.projection_init == "lexical" and state is None:
+            result.projection_fit = lexical_init(model, training_data, recipe, quiet=quiet)
         steps_done, final = _run_stage(
             accelerator, model, training_data, recipe, stage_name, stage, start_step, state, checkpointer, completed, budget, quiet
         )

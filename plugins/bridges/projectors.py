@@ -55,6 +55,21 @@ class LinearProjector(Bridge):
             image_tokens = pool_tokens(image_tokens, self.num_queries, image_mask)
         return BridgeOutput(queries=self.proj(image_tokens))
 
+    def readout(
+        self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features: the (pooled) tokens, then a column of ones when the Linear has a bias."""
+        if self.num_queries is not None:
+            image_tokens = pool_tokens(image_tokens, self.num_queries, image_mask)
+        return _with_bias_column(image_tokens, self.proj.bias is not None), None
+
+    @torch.no_grad()
+    def set_readout(self, weight: torch.Tensor) -> None:
+        """Set the Linear's weight (and bias, the last row of ``weight``)."""
+        self.proj.weight.copy_(weight[: self.input_dim].T)
+        if self.proj.bias is not None:
+            self.proj.bias.copy_(weight[self.input_dim])
+
 
 class MLPProjector(Bridge):
     """A 2-layer GELU MLP with a residual path (LLaVA's mlp2x_gelu plus a skip, BLIPren's projector).
@@ -97,10 +112,40 @@ class MLPProjector(Bridge):
         output_attentions: bool = False,
     ) -> BridgeOutput:
         """Project tokens [B, N, input_dim] to [B, Q, output_dim]."""
+        return BridgeOutput(queries=self.mlp(self._inputs(image_tokens, image_mask)))
+
+    def _inputs(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
         hidden = self.norm(image_tokens)
         if self.num_queries is not None:
             hidden = pool_tokens(hidden, self.num_queries, image_mask)
-        return BridgeOutput(queries=self.mlp(hidden))
+        return hidden
+
+    def readout(
+        self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features: fc2's inputs, then the skip Linear's inputs (when the skip is not the identity) and
+        a column of ones; the identity skip is the fixed part. fc1 stays as it is."""
+        hidden = self._inputs(image_tokens, image_mask)
+        inner = torch.nn.functional.gelu(self.mlp.fc1(hidden))
+        if isinstance(self.mlp.skip, nn.Linear):
+            return _with_bias_column(torch.cat([inner, hidden], dim=-1), True), None
+        return _with_bias_column(inner, True), hidden
+
+    @torch.no_grad()
+    def set_readout(self, weight: torch.Tensor) -> None:
+        """Set fc2 (weight and bias) and the skip Linear (weight; its bias is folded into fc2's)."""
+        width = self.mlp.fc2.in_features
+        self.mlp.fc2.weight.copy_(weight[:width].T)
+        self.mlp.fc2.bias.copy_(weight[-1])
+        if isinstance(self.mlp.skip, nn.Linear):
+            self.mlp.skip.weight.copy_(weight[width : width + self.input_dim].T)
+            self.mlp.skip.bias.zero_()
+
+
+def _with_bias_column(features: torch.Tensor, bias: bool) -> torch.Tensor:
+    if not bias:
+        return features
+    return torch.cat([features, features.new_ones(*features.shape[:-1], 1)], dim=-1)
 
 
 @hookimpl

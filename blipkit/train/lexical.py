@@ -1,0 +1,142 @@
+"""The lexical warm start of the projection (``stage2.projection_init: lexical``).
+
+Before stage 2, a ridge regression fits the projection's linear read-out so that visual query ``k`` of
+an image maps to the LLM's input embedding of token ``k mod T`` of that image's caption (``T`` its
+length). The prefix then reads, approximately, as the caption spelled out once or more in tokens the
+LLM knows, and the LLM's own habit of repeating what came before turns it into a caption before any
+step of training. Stage 2 starts from there instead of from a prefix the LLM has never seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from blipkit.config import Recipe
+from blipkit.data.collate import Collator
+from blipkit.errors import ConfigError, DataError
+from blipkit.pipeline import VisionLanguageModel
+from blipkit.train.feedback import CountProgress
+
+__all__ = ["LexicalFit", "lexical_init", "spelled_targets"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LexicalFit:
+    """What the fit used and how well it fits: ``r2`` is the share of the target embeddings' variance
+    (about their mean) that the fitted prefix explains on the fitting samples."""
+
+    samples: int
+    features: int
+    r2: float
+
+
+def spelled_targets(embeddings: torch.Tensor, labels: torch.Tensor, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets [B, Q, D] that spell each row's label tokens cyclically over ``num_queries`` positions.
+
+    ``labels`` [B, T] is an LMBatch's labels (-100 where ignored, EOS last in every row) and
+    ``embeddings`` the LLM's input embeddings of ``labels`` (any values where ignored). Also returns
+    which rows have at least one token besides EOS [B]; the others get zero targets.
+    """
+    targets = embeddings.new_zeros(labels.shape[0], num_queries, embeddings.shape[-1])
+    usable = torch.zeros(labels.shape[0], dtype=torch.bool)
+    for row in range(labels.shape[0]):
+        positions = (labels[row] != -100).nonzero().squeeze(1)[:-1]
+        if positions.numel() == 0:
+            continue
+        cycle = positions[torch.arange(num_queries) % positions.numel()]
+        targets[row] = embeddings[row, cycle]
+        usable[row] = True
+    return targets, usable
+
+
+@torch.no_grad()
+def lexical_init(
+    model: VisionLanguageModel,
+    dataset: Any,
+    recipe: Recipe,
+    max_samples: int = 4096,
+    batch_size: int = 64,
+    ridge: float = 1e-3,
+    quiet: bool = False,
+) -> LexicalFit:
+    """Fit ``model.projection``'s read-out on up to ``max_samples`` caption samples of ``dataset``.
+
+    ``ridge`` times the number of fitted rows is added to the Gram matrix's diagonal. Raises ConfigError
+    for a projection without a linear read-out and DataError for a dataset without captions.
+    """
+    projection, llm = model.projection, model.llm
+    if projection is None or llm is None:
+        raise ConfigError("stage2.projection_init: the model has no projection or language model yet")
+    captions = [i for i, record in enumerate(dataset.records) if record.task == "caption"]
+    if not captions:
+        raise DataError(
+            "stage2.projection_init: lexical fits the projection to captions, and the training data has none; "
+            "add caption samples or remove the key"
+        )
+    if len(captions) > max_samples:
+        order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(recipe.seed))
+        captions = sorted(captions[i] for i in order[:max_samples].tolist())
+    collator = Collator(
+        "stage2",
+        model.encoder.preprocess if model.encoder is not None else None,
+        llm_tokenize=llm.tokenize,
+        caption_prompt=recipe.data.caption_prompt,
+        max_text_length=recipe.data.max_text_length,
+    )
+    was_training = model.training
+    model.eval()
+    gram = cross = total = None
+    square_sum = residual_square = 0.0
+    rows = used = 0
+    try:
+        with CountProgress("fitting the projection", len(captions), quiet=quiet) as bar:
+            for start in range(0, len(captions), batch_size):
+                chunk = captions[start : start + batch_size]
+                batch = collator([dataset[i] for i in chunk])
+                bar.advance(len(chunk))
+                if not batch.get("size"):
+                    continue
+                tokens = model.batch_tokens(batch)
+                queries = model.bridge(tokens, batch.get("image_mask")).queries
+                readout = projection.readout(queries)
+                if readout is None:
+                    raise ConfigError(
+                        f"stage2.projection_init: projection '{recipe.projection.name}' has no linear read-out to fit; "
+                        "use projection linear or mlp, or remove the key"
+                    )
+                features, fixed = readout
+                labels = batch["lm"].labels
+                embeddings = llm.embed(labels.clamp_min(0)).double()
+                targets, usable = spelled_targets(embeddings, labels, features.shape[1])
+                if not usable.any():
+                    continue
+                usable = usable.to(features.device)
+                flat = features[usable].double().flatten(0, 1)
+                goal = targets.to(features.device)[usable].flatten(0, 1)
+                residual = goal - fixed[usable].double().flatten(0, 1) if fixed is not None else goal
+                gram = flat.T @ flat if gram is None else gram + flat.T @ flat
+                cross = flat.T @ residual if cross is None else cross + flat.T @ residual
+                total = goal.sum(0) if total is None else total + goal.sum(0)
+                square_sum += float(goal.pow(2).sum())
+                residual_square += float(residual.pow(2).sum())
+                rows += flat.shape[0]
+                used += int(usable.sum())
+    finally:
+        model.train(was_training)
+    if gram is None:
+        raise DataError("stage2.projection_init: no caption sample could be used (all images failed or captions empty)")
+    regularised = gram + ridge * rows * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    weight = torch.linalg.solve(regularised, cross)
+    # |R - A W|^2 = |R|^2 - 2 <W, A'R> + <W, A'A W>, with R the targets less the fixed part.
+    error = residual_square - 2 * float((weight * cross).sum()) + float((weight * (gram @ weight)).sum())
+    spread = square_sum - float(total.pow(2).sum()) / rows
+    r2 = 1.0 - error / spread if spread > 0 else float("nan")
+    projection.set_readout(weight.to(next(projection.parameters()).dtype))
+    logger.info("lexical projection init: %d captions, %d features, R2 %.3f", used, gram.shape[0], r2)
+    return LexicalFit(samples=used, features=gram.shape[0], r2=r2)
