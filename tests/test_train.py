@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -117,6 +118,35 @@ def test_lr_scale_gives_a_part_its_own_schedule() -> None:
         assert by_param[id(projection.bias)]["lr"] == pytest.approx(30 * lr_at(step, stage))
         optimizer.step()
         scheduler.step()
+
+
+def test_optimizer_is_fused_and_steps_as_reference_adamw() -> None:
+    """The fused kernel gives the updates of torch's default (foreach) AdamW over the same groups."""
+    stage = StageConfig(steps=5, lr=1e-2, warmup_steps=0, lr_scale={"projection": 3})
+    torch.manual_seed(0)
+    modules = {"bridge": torch.nn.Linear(4, 3), "projection": torch.nn.Linear(3, 2)}
+    reference = {name: copy.deepcopy(module) for name, module in modules.items()}
+    initial = copy.deepcopy(modules)
+    optimizer = build_optimizer(modules, stage)
+    assert optimizer.defaults["fused"] is True
+    groups = [
+        {"params": [reference[name].weight], "lr": stage.lr * scale, "weight_decay": stage.weight_decay}
+        for name, scale in (("bridge", 1), ("projection", 3))
+    ] + [
+        {"params": [reference[name].bias], "lr": stage.lr * scale, "weight_decay": 0.0}
+        for name, scale in (("bridge", 1), ("projection", 3))
+    ]
+    expected = torch.optim.AdamW(groups, betas=tuple(stage.betas), eps=stage.eps, foreach=True)
+    inputs = torch.randn(8, 4)
+    for opt, parts in ((optimizer, modules), (expected, reference)):
+        for _ in range(stage.steps):
+            parts["projection"](parts["bridge"](inputs)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for name in modules:
+        for got, want in zip(modules[name].parameters(), reference[name].parameters(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(modules[name].weight, initial[name].weight, atol=1e-3)
 
 
 @pytest.mark.parametrize("scale", ["{encoder: 2}", "{projection: 0}", "{projection: -1}"])
