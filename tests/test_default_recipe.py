@@ -10,11 +10,14 @@ import pytest
 import blipkit
 from blipkit.config import load_recipe
 from blipkit.eval.evaluate import evaluate
-from blipkit.eval.shapes import mentions
+from blipkit.eval.shapes import mentions, shapes_caption_correct
 from blipkit.train.runner import cached_features, open_dataset, train
 
 CHANCE_SHAPE = 1 / 3
 """A guess at one of the three shapes."""
+
+CHANCE_COLOUR_AND_SHAPE = 1 / 18
+"""A guess at one of the six colours and one of the three shapes."""
 
 SHORTENED = [
     "data.train.options={num_images: 320}",
@@ -41,13 +44,13 @@ def test_binomial_tail_matches_hand_values() -> None:
 
 
 @pytest.mark.slow
-def test_shortened_default_captions_name_the_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On every single-shape image of the test split, captions name the right shape, and nothing else, far
-    more often than guessing would (binomial p < 1e-6; two seeds gave 114 and 115 of 119).
+def test_shortened_default_captions_name_colour_and_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On every single-shape image of the test split, captions name the right colour and shape, and no
+    other, far more often than guessing would (binomial p < 1e-6; the recipe's seed gave 101 of 119, with
+    the right shape in 118).
 
-    At this budget colours are not learned yet, and captions often miss the second shape of a pair (the
-    share of captions naming the right number of shapes was 53% with one seed, 71% with another), so
-    neither is checked. About 5.5 minutes on 2 CPU cores.
+    At this budget captions often get the second shape of a pair wrong, so pairs are not checked. About
+    5 minutes on 2 CPU cores.
     """
     monkeypatch.setenv("BLIPKIT_CACHE", str(tmp_path / "cache"))
     train(load_recipe("default", SHORTENED), output=tmp_path / "run", quiet=True)
@@ -56,5 +59,7 @@ def test_shortened_default_captions_name_the_shape(tmp_path: Path, monkeypatch: 
     result = evaluate(model, test, "caption", batch_size=40, generation={"num_beams": 1})
     singles = [p for p in result.predictions if len(p["objects"]) == 1]
     assert len(singles) >= 100
-    right = sum(mentions(p["caption"])[1] == [p["objects"][0]["shape"]] for p in singles)
-    assert binomial_tail(right, len(singles), CHANCE_SHAPE) < 1e-6, (right, len(singles), result.predictions[:6])
+    right_shape = sum(mentions(p["caption"])[1] == [p["objects"][0]["shape"]] for p in singles)
+    right = sum(shapes_caption_correct(p["caption"], p["objects"]) for p in singles)
+    assert binomial_tail(right_shape, len(singles), CHANCE_SHAPE) < 1e-6, (right_shape, len(singles), result.predictions[:6])
+    assert binomial_tail(right, len(singles), CHANCE_COLOUR_AND_SHAPE) < 1e-6, (right, len(singles), result.predictions[:6])
