@@ -4,8 +4,8 @@
     python benchmarks/feature_cache.py --images 64 --batch-size 16
     python benchmarks/feature_cache.py --device cuda --images 512 --batch-size 64
 
-Both epochs run the same Q-Former stage-1 steps (the default recipe's bridge: MiniLM-initialised, 8 queries)
-on the same synthetic shapes images. "uncached" encodes every batch with the frozen encoder, as a training
+Both epochs run the same Q-Former stage-1 steps (the default recipe's bridge, MiniLM-initialised with 8
+queries and no dropout, and its stage-1 optimizer) on the same synthetic shapes images. "uncached" encodes every batch with the frozen encoder, as a training
 loop without a cache does every epoch; "cached" reads fp16 tokens from the Arrow cache filled beforehand
 (the fill is timed separately: it is paid once per encoder and dataset, across epochs, stages and runs).
 Random ViT weights are fine for timing. Prints ms per epoch and the speed-up; target >= 5x for ViT-B-16.
@@ -43,18 +43,21 @@ def epoch(model, loader_batches, optimizer) -> float:
 
 
 def run(encoder_name: str, encoder_options: dict, images: int, batch_size: int, device: str) -> dict[str, float]:
+    from blipkit.config import load_recipe
     from blipkit.data.collate import Collator
     from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
     from blipkit.pipeline import VisionLanguageModel
     from blipkit.plugin_manager import registries
+    from blipkit.train.optim import build_optimizer
     from blipkit.train.runner import open_dataset
 
     regs = registries()
+    recipe = load_recipe("default")
     encoder = regs.encoders.create(encoder_name, **encoder_options)
-    bridge = regs.bridges.create("qformer", input_dim=encoder.feature_dim, init="minilm", num_queries=8)
+    bridge = regs.bridges.create(recipe.bridge.name, input_dim=encoder.feature_dim, **recipe.bridge.options)
     model = VisionLanguageModel(encoder, bridge).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(bridge.parameters(), lr=1e-5)
+    optimizer = build_optimizer({"bridge": bridge}, recipe.stage1)
     dataset = open_dataset("shapes", "train", {"num_images": images, "image_size": encoder.image_size, "tasks": "caption"})
     collate = Collator("stage1", encoder.preprocess, bridge_tokenize=bridge.tokenize)
     order = list(range(len(dataset)))

@@ -83,7 +83,42 @@ def test_itg_is_causal_and_sees_the_image() -> None:
     assert (before[:, 0] - other_image[:, 0]).abs().max() > 1e-4
 
 
-def test_losses_equal_direct_recomputation(monkeypatch) -> None:
+@pytest.mark.parametrize("adapted", [False, True], ids=["linear", "lora"])
+def test_image_keys_values_and_gradients_equal_ln_vision_then_projection(adapted: bool) -> None:
+    """ln_vision's affine is folded into the key/value weights; values and every gradient must equal the
+    plain ln_vision -> Linear computation (float64; peft-wrapped projections take the unfolded path)."""
+    from blipkit.train.lora import LoraSettings, apply_bridge_lora
+
+    model = tiny(dropout=0.0).double()
+    if adapted:
+        apply_bridge_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param)
+    with torch.no_grad():
+        model.ln_vision.weight.normal_()
+        model.ln_vision.bias.normal_()
+    image_tokens = torch.randn(3, 7, 24, dtype=torch.float64)
+    weights = torch.randn(3, 4, 7, 8, dtype=torch.float64)
+
+    def gradients(kv: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = torch.stack([torch.stack(pair) for pair in kv if pair is not None])
+        model.zero_grad(set_to_none=True)
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    folded, folded_grads = gradients(model.project_image(image_tokens)[1])
+    image = model.ln_vision(image_tokens)
+    layers = [layer.cross_attn for layer in model.layers]
+    plain, plain_grads = gradients([None if a is None else a.project_kv(image) for a in layers])
+    assert torch.allclose(folded, plain, atol=1e-12)
+    assert folded_grads.keys() == plain_grads.keys()
+    assert "ln_vision.weight" in folded_grads and "ln_vision.bias" in folded_grads
+    for name, grad in plain_grads.items():
+        assert torch.allclose(folded_grads[name], grad, atol=1e-10), name
+
+
+def test_losses_and_gradients_equal_direct_recomputation(monkeypatch) -> None:
     model = tiny(dropout=0.0).eval()
     image_tokens = torch.randn(4, 7, 24)
     texts = CAPTIONS[:4]
@@ -92,32 +127,37 @@ def test_losses_equal_direct_recomputation(monkeypatch) -> None:
     monkeypatch.setattr(
         objectives, "sample_hard_negatives", lambda *args: drawn.append(sample(*args)) or drawn[-1]
     )
-    with torch.no_grad():
-        losses = model.stage1_loss(image_tokens, texts)
-        tokens = model.tokenize(texts)
+    losses = model.stage1_loss(image_tokens, texts)
+    losses["loss"].backward()
+    grads = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    tokens = model.tokenize(texts)
 
-        sim = model.similarity(model.image_embeds(image_tokens), model.text_embeds(tokens)).double()
-        sim = sim / model.temp.double()
-        target = 0.9 * torch.eye(4, dtype=torch.float64) + 0.1 / 4
-        itc = (-(target * sim.log_softmax(1)).sum(1).mean() - (target * sim.t().log_softmax(1)).sum(1).mean()) / 2
+    sim = model.similarity(model.image_embeds(image_tokens), model.text_embeds(tokens)).double()
+    sim = sim / model.temp.double()
+    target = 0.9 * torch.eye(4, dtype=torch.float64) + 0.1 / 4
+    itc = (-(target * sim.log_softmax(1)).sum(1).mean() - (target * sim.t().log_softmax(1)).sum(1).mean()) / 2
 
-        neg_image, neg_text = drawn
-        pair_images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])
-        pair_texts = {k: torch.cat([v, v, v[neg_text]]) for k, v in tokens.items()}
-        logits = model.itm_logits(pair_images, pair_texts).double()
-        itm = F.cross_entropy(logits, torch.tensor([1] * 4 + [0] * 8))
+    neg_image, neg_text = drawn
+    pair_images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])
+    pair_texts = {k: torch.cat([v, v, v[neg_text]]) for k, v in tokens.items()}
+    logits = model.itm_logits(pair_images, pair_texts).double()
+    itm = F.cross_entropy(logits, torch.tensor([1] * 4 + [0] * 8))
 
-        ids, mask = _dec_ids(model, texts)
-        hidden = _unilm_itg_hidden(model, image_tokens, ids, mask)
-        log_probs = model.lm_head(hidden[:, :-1], model.embeddings.word.weight).double().log_softmax(-1)
-        labels, valid = ids[:, 1:], mask[:, 1:].bool()
-        nll = -log_probs.gather(-1, labels[..., None]).squeeze(-1)
-        itg = (0.9 * nll - 0.1 * log_probs.mean(-1))[valid].mean()
+    ids, mask = _dec_ids(model, texts)
+    hidden = _unilm_itg_hidden(model, image_tokens, ids, mask)
+    log_probs = model.lm_head(hidden[:, :-1], model.embeddings.word.weight).double().log_softmax(-1)
+    labels, valid = ids[:, 1:], mask[:, 1:].bool()
+    nll = -log_probs.gather(-1, labels[..., None]).squeeze(-1)
+    itg = (0.9 * nll - 0.1 * log_probs.mean(-1))[valid].mean()
     assert abs(losses["itc"].item() - itc.item()) < 1e-5
     assert abs(losses["itm"].item() - itm.item()) < 1e-5
     assert abs(losses["itg"].item() - itg.item()) < 1e-5
     assert abs(losses["loss"].item() - (itc + itm + itg).item()) < 1e-4
     assert losses["itm_acc"].item() == (logits.argmax(1) == torch.tensor([1] * 4 + [0] * 8)).float().mean().item()
+    (itc + itm + itg).backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(grads[name], param.grad.to(grads[name].dtype), atol=1e-5, rtol=1e-4), name
 
 
 def test_hard_negatives_are_never_positives() -> None:

@@ -69,8 +69,14 @@ class TextEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, queries: torch.Tensor | None = None, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Embed [queries | text] -> [B, Q + T, H]."""
+    def forward(
+        self,
+        queries: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        words: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embed [queries | text] -> [B, Q + T, H]; ``words`` [B, T, H], when given, are the word embeddings
+        of ``input_ids`` looked up beforehand."""
         parts = [] if queries is None else [queries]
         if input_ids is not None:
             if input_ids.shape[1] > self.position.num_embeddings:
@@ -79,7 +85,7 @@ class TextEmbeddings(nn.Module):
                     "positions; tokenize with a smaller max_length"
                 )
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            parts.append(self.word(input_ids) + self.position(positions))
+            parts.append((self.word(input_ids) if words is None else words) + self.position(positions))
         return self.dropout(self.norm(torch.cat(parts, dim=1)))
 
 
@@ -224,10 +230,18 @@ class QFormer(Bridge):
         return hidden, presents, weights
 
     def project_image(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, list[KeyValue | None]]:
-        """ln_vision over encoder tokens, and every cross-attention layer's keys/values for them."""
-        image = self.ln_vision(image_tokens.float())
-        kv = [layer.cross_attn.project_kv(image) if layer.cross_attn is not None else None for layer in self.layers]
-        return image, kv
+        """Encoder tokens normalised as ln_vision does but not yet scaled and shifted, and every
+        cross-attention layer's keys/values for ln_vision's output."""
+        norm = self.ln_vision
+        normed = F.layer_norm(image_tokens.to(norm.weight.dtype), norm.normalized_shape, eps=norm.eps)
+        return normed, self.project_normed(normed)
+
+    def project_normed(self, normed: torch.Tensor) -> list[KeyValue | None]:
+        """Every cross-attention layer's keys/values for ln_vision applied to ``normed`` (from ``project_image``)."""
+        return [
+            None if layer.cross_attn is None else layer.cross_attn.project_kv(normed, self.ln_vision)
+            for layer in self.layers
+        ]
 
     @staticmethod
     def image_additive_mask(image_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -259,9 +273,12 @@ class QFormer(Bridge):
             out = self.query_pass(kv, self.image_additive_mask(image_mask), output_attentions)
         return BridgeOutput(queries=out.hidden, attentions=out.attentions)
 
-    def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text only, bidirectional over non-pad tokens -> [B, T, H] (position 0 is [CLS])."""
-        hidden = self.embeddings(input_ids=input_ids)
+    def text_pass(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, words: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Text only, bidirectional over non-pad tokens -> [B, T, H] (position 0 is [CLS]). ``words``: the
+        word embeddings of ``input_ids`` if already looked up, in this and the other passes."""
+        hidden = self.embeddings(input_ids=input_ids, words=words)
         mask = additive_mask(attention_mask)[:, None, None, :]
         return self._run(hidden, 0, mask)[0]
 
@@ -271,20 +288,25 @@ class QFormer(Bridge):
         attention_mask: torch.Tensor,
         image_kv: Sequence[KeyValue | None],
         image_mask: torch.Tensor | None,
+        words: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[queries | text] with bidirectional self-attention, queries cross-attending -> [B, Q + T, H]."""
         batch = input_ids.shape[0]
-        hidden = self.embeddings(queries=self.query_tokens.expand(batch, -1, -1), input_ids=input_ids)
+        hidden = self.embeddings(queries=self.query_tokens.expand(batch, -1, -1), input_ids=input_ids, words=words)
         keep = torch.cat([attention_mask.new_ones(batch, self.num_queries), attention_mask], dim=1)
         return self._run(hidden, self.num_queries, additive_mask(keep)[:, None, None, :], None, image_kv, image_mask)[0]
 
     def decoder_pass(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: Sequence[KeyValue]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past: Sequence[KeyValue],
+        words: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Text after a query pass: each token sees all queries (through their cached keys/values) and
         the text up to itself; queries never see text. -> [B, T, H]."""
         batch, length = input_ids.shape
-        hidden = self.embeddings(input_ids=input_ids)
+        hidden = self.embeddings(input_ids=input_ids, words=words)
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         text_keep = causal[None] & attention_mask.bool()[:, None, :]
         query_keep = text_keep.new_ones(batch, length, past[0][0].shape[2])

@@ -3,6 +3,7 @@ hard negatives (ITM) and image-grounded text generation (ITG), with negatives fr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -109,11 +110,33 @@ def _negative_image_kv(
     if size == 1:
         kv = [None if pair is None else (pair[0][negatives], pair[1][negatives]) for pair in queries.image_kv]
         return kv, None if image_keep is None else image_keep[negatives]
-    image_all = gather_with_local_grad(image)
-    chosen = image_all[negatives]
-    kv = [None if layer.cross_attn is None else layer.cross_attn.project_kv(chosen) for layer in model.layers]
+    kv = model.project_normed(gather_with_local_grad(image)[negatives])
     keep = None if image_keep is None else gather_padded(image_keep, 0)[negatives]
     return kv, keep
+
+
+@dataclass
+class Texts:
+    """Every rank's captions (right-padded to the longest) with their word embeddings, and this rank's rows."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    words: torch.Tensor
+    bos: torch.Tensor
+    local: slice
+
+
+def embed_texts(model: QFormer, ids: torch.Tensor, mask: torch.Tensor) -> Texts:
+    """Gather the captions of every rank and look up all word embeddings the stage-1 passes need at once:
+    each lookup's backward builds a dense vocabulary-sized gradient, so one lookup instead of three saves
+    two of them per step."""
+    rank, _ = world()
+    ids_all = gather_padded(ids, model.tokenizer.pad_token_id)
+    bos = ids_all.new_tensor([model.tokenizer.bos_token_id])
+    flat = model.embeddings.word(torch.cat([ids_all.flatten(), bos]))
+    words = flat[:-1].view(*ids_all.shape, -1)
+    local = slice(rank * ids.shape[0], (rank + 1) * ids.shape[0])
+    return Texts(ids_all, gather_padded(mask, 0), words, flat[-1], local)
 
 
 def _itm(
@@ -121,22 +144,16 @@ def _itm(
     image: torch.Tensor,
     queries: QueryPass,
     image_keep: torch.Tensor | None,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
+    texts: Texts,
     sim_i2t: torch.Tensor,
     sim_t2i: torch.Tensor,
     positives: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rank, _ = world()
-    batch = ids.shape[0]
     neg_image = sample_hard_negatives(sim_t2i, positives)
     neg_text = sample_hard_negatives(sim_i2t, positives)
-    ids_all = gather_padded(ids, model.tokenizer.pad_token_id)
-    mask_all = gather_padded(mask, 0)
-    local = slice(rank * batch, (rank + 1) * batch)
-    ids, mask = ids_all[local], mask_all[local]
-    text_ids = torch.cat([ids, ids, ids_all[neg_text]], dim=0)
-    text_mask = torch.cat([mask, mask, mask_all[neg_text]], dim=0)
+    rows = torch.arange(texts.ids.shape[0], device=texts.ids.device)[texts.local]
+    text_rows = torch.cat([rows, rows, neg_text])
+    batch = rows.shape[0]
 
     neg_kv, neg_keep = _negative_image_kv(model, image, queries, image_keep, neg_image)
     kv = [
@@ -144,18 +161,22 @@ def _itm(
         for pos, neg in zip(queries.image_kv, neg_kv, strict=True)
     ]
     keep = None if image_keep is None else torch.cat([image_keep, neg_keep, image_keep], dim=0)
-    hidden = model.pair_pass(text_ids, text_mask, kv, model.image_additive_mask(keep))
+    hidden = model.pair_pass(
+        texts.ids[text_rows], texts.mask[text_rows], kv, model.image_additive_mask(keep), texts.words[text_rows]
+    )
     logits = model.itm_head(hidden[:, : model.num_queries]).mean(dim=1)
     labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).to(device=logits.device, dtype=torch.long)
     accuracy = (logits.argmax(dim=1) == labels).float().mean()
     return F.cross_entropy(logits, labels), accuracy.detach()
 
 
-def _itg(model: QFormer, queries: QueryPass, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _itg(model: QFormer, queries: QueryPass, texts: Texts) -> torch.Tensor:
+    ids, mask, words = texts.ids[texts.local], texts.mask[texts.local], texts.words[texts.local]
     decoder_ids = ids.clone()
     decoder_ids[:, 0] = model.tokenizer.bos_token_id
+    decoder_words = torch.cat([texts.bos.expand(ids.shape[0], 1, -1), words[:, 1:]], dim=1)
     labels = decoder_ids.masked_fill(mask == 0, -100)
-    hidden = model.decoder_pass(decoder_ids, mask, queries.past)
+    hidden = model.decoder_pass(decoder_ids, mask, queries.past, decoder_words)
     logits = model.lm_head(hidden[:, :-1], model.embeddings.word.weight)
     return F.cross_entropy(
         logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=LABEL_SMOOTHING
@@ -176,11 +197,13 @@ def stage1_losses(
     image, image_kv = model.project_image(image_tokens)
     image_keep = None if image_mask is None else image_mask.to(torch.bool)
     queries = model.query_pass(image_kv, None if image_keep is None else additive_mask(image_keep)[:, None, None, :])
+    texts = embed_texts(model, ids, mask)
 
     image_feats = F.normalize(model.vision_proj(queries.hidden), dim=-1)
-    text_feat = F.normalize(model.text_proj(model.text_pass(ids, mask)[:, 0]), dim=-1)
+    local = texts.ids[texts.local], texts.mask[texts.local], texts.words[texts.local]
+    text_feat = F.normalize(model.text_proj(model.text_pass(*local)[:, 0]), dim=-1)
     positives = positive_mask(ids.shape[0], image_ids, ids.device)
     itc, sim_i2t, sim_t2i = _itc(model, image_feats, text_feat, positives)
-    itm, itm_acc = _itm(model, image, queries, image_keep, ids, mask, sim_i2t.detach(), sim_t2i.detach(), positives)
-    itg = _itg(model, queries, ids, mask)
+    itm, itm_acc = _itm(model, image, queries, image_keep, texts, sim_i2t.detach(), sim_t2i.detach(), positives)
+    itg = _itg(model, queries, texts)
     return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg, "itm_acc": itm_acc}
