@@ -5,9 +5,10 @@
     python benchmarks/feature_cache.py --device cuda --images 512 --batch-size 64
 
 Both epochs run the same Q-Former stage-1 steps (the default recipe's bridge, MiniLM-initialised with 8
-queries and no dropout, and its stage-1 optimizer) on the same synthetic shapes images. "uncached" encodes every batch with the frozen encoder, as a training
-loop without a cache does every epoch; "cached" reads fp16 tokens from the Arrow cache filled beforehand
-(the fill is timed separately: it is paid once per encoder and dataset, across epochs, stages and runs).
+queries and no dropout, and its stage-1 optimizer) on the same synthetic shapes images. "uncached"
+encodes every batch with the frozen encoder, as a training loop without a cache does every epoch;
+"cached" reads fp16 tokens from the Arrow cache filled beforehand (the fill is timed separately: it is
+paid once per encoder and dataset, across epochs, stages and runs).
 Random ViT weights are fine for timing. Prints ms per epoch and the speed-up; target >= 5x for ViT-B-16.
 """
 

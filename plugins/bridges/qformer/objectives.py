@@ -125,6 +125,10 @@ class Texts:
     bos: torch.Tensor
     local: slice
 
+    def mine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's (ids, mask, words)."""
+        return self.ids[self.local], self.mask[self.local], self.words[self.local]
+
 
 def embed_texts(model: QFormer, ids: torch.Tensor, mask: torch.Tensor) -> Texts:
     """Gather the captions of every rank and look up all word embeddings the stage-1 passes need at once:
@@ -171,7 +175,7 @@ def _itm(
 
 
 def _itg(model: QFormer, queries: QueryPass, texts: Texts) -> torch.Tensor:
-    ids, mask, words = texts.ids[texts.local], texts.mask[texts.local], texts.words[texts.local]
+    ids, mask, words = texts.mine()
     decoder_ids = ids.clone()
     decoder_ids[:, 0] = model.tokenizer.bos_token_id
     decoder_words = torch.cat([texts.bos.expand(ids.shape[0], 1, -1), words[:, 1:]], dim=1)
@@ -200,8 +204,7 @@ def stage1_losses(
     texts = embed_texts(model, ids, mask)
 
     image_feats = F.normalize(model.vision_proj(queries.hidden), dim=-1)
-    local = texts.ids[texts.local], texts.mask[texts.local], texts.words[texts.local]
-    text_feat = F.normalize(model.text_proj(model.text_pass(*local)[:, 0]), dim=-1)
+    text_feat = F.normalize(model.text_proj(model.text_pass(*texts.mine())[:, 0]), dim=-1)
     positives = positive_mask(ids.shape[0], image_ids, ids.device)
     itc, sim_i2t, sim_t2i = _itc(model, image_feats, text_feat, positives)
     itm, itm_acc = _itm(model, image, queries, image_keep, texts, sim_i2t.detach(), sim_t2i.detach(), positives)
