@@ -155,7 +155,7 @@ def _itm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     neg_image = sample_hard_negatives(sim_t2i, positives)
     neg_text = sample_hard_negatives(sim_i2t, positives)
-    rows = torch.arange(texts.ids.shape[0], device=texts.ids.device)[texts.local]
+    rows = torch.arange(texts.local.start, texts.local.stop, device=texts.ids.device)
     text_rows = torch.cat([rows, rows, neg_text])
     batch = rows.shape[0]
 
