@@ -118,6 +118,41 @@ def test_image_keys_values_and_gradients_equal_ln_vision_then_projection(adapted
         assert torch.allclose(folded_grads[name], grad, atol=1e-10), name
 
 
+def test_skipped_positions_change_no_used_output_or_gradient(monkeypatch) -> None:
+    """The passes skip work whose result nothing reads: the last layer's positions other than [CLS] (ITC)
+    or the queries (ITM), and the feed-forward of padding tokens. Kept outputs and every gradient must
+    equal those of the full computation (float64)."""
+    from blipkit.plugins.bridges.qformer import model as qformer_model
+
+    model = tiny(dropout=0.0).double()
+    tokens = model.tokenize(CAPTIONS[:3])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    assert not mask.bool().all()
+    image_tokens = torch.randn(3, 7, 24, dtype=torch.float64)
+    image_mask = model.image_additive_mask(torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4]))
+
+    def outputs_and_grads(short: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model.zero_grad(set_to_none=True)
+        _, kv = model.project_image(image_tokens)
+        cls = model.text_pass(ids, mask, cls_only=short)[:, :1]
+        queries = model.pair_pass(ids, mask, kv, image_mask, queries_only=short)[:, : model.num_queries]
+        decoded = model.decoder_pass(ids, mask, model.query_pass(kv, image_mask).past)[mask.bool()]
+        outputs = [cls, queries, decoded]
+        sum((out * torch.randn_like(out)).sum() for out in outputs).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return [out.detach() for out in outputs], grads
+
+    short_outputs, short_grads = outputs_and_grads(short=True)
+    monkeypatch.setattr(qformer_model, "real_rows", lambda attention_mask: None)
+    full_outputs, full_grads = outputs_and_grads(short=False)
+    for short, full in zip(short_outputs, full_outputs, strict=True):
+        assert torch.allclose(short, full, atol=1e-12)
+    assert short_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        assert torch.allclose(short_grads[name], grad, atol=1e-12), name
+
+
 def test_losses_and_gradients_equal_direct_recomputation(monkeypatch) -> None:
     model = tiny(dropout=0.0).eval()
     image_tokens = torch.randn(4, 7, 24)

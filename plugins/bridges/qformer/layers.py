@@ -67,6 +67,9 @@ class Attention(nn.Module):
         """Attend from ``hidden`` [B, L, H] to ``kv``; ``mask`` is additive, broadcastable to [B, heads, L, S]."""
         q = self._heads(self.query(hidden))
         k, v = kv
+        if mask is not None and mask.dtype != q.dtype:
+            # scaled_dot_product_attention on CPU silently misreads a float32 mask beside float64 inputs.
+            mask = mask.to(q.dtype)
         p = self.attention_dropout if self.training else 0.0
         weights = None
         if need_weights:
@@ -91,9 +94,23 @@ class FeedForward(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the block to ``x`` [..., H]."""
-        return self.norm(self.dropout(self.down(F.gelu(self.up(x)))) + x)
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the block to ``x`` [..., H]; with ``rows`` (indices into ``x`` flattened to [N, H]) to those
+        rows only, passing the others through unchanged."""
+        if rows is None:
+            return self.norm(self.dropout(self.down(F.gelu(self.up(x)))) + x)
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.index_copy(0, rows, self(flat.index_select(0, rows))).view_as(x)
+
+
+def real_rows(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Flat indices of the non-pad positions of ``attention_mask`` [B, T], or None when none is padding.
+
+    Padding positions are masked out as keys everywhere, so what the position-wise blocks compute for them
+    never reaches a real position: their feed-forward can be skipped.
+    """
+    rows = attention_mask.flatten().nonzero().squeeze(1)
+    return None if rows.numel() == attention_mask.numel() else rows
 
 
 class QFormerLayer(nn.Module):
@@ -127,27 +144,40 @@ class QFormerLayer(nn.Module):
         image_kv: KeyValue | None = None,
         image_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        first: int | None = None,
+        text_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KeyValue, torch.Tensor | None]:
         """Run the layer; returns (hidden, this pass's self-attention keys/values, cross-attention weights).
 
         The first ``num_queries`` positions of ``hidden`` are queries. ``past_kv`` (cached keys/values of
-        an earlier pass) is prepended to the self-attention keys/values.
+        an earlier pass) is prepended to the self-attention keys/values. With ``first``, only the first
+        ``first`` positions are computed and returned (every position still serves as a key and value).
+        ``text_rows`` (from ``real_rows`` of the text's attention mask) limits the text feed-forward to
+        real tokens.
         """
         k, v = self.self_attn.project_kv(hidden)
         present = (k, v)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
+        if first is not None and first < hidden.shape[1]:
+            hidden = hidden[:, :first]
+            if self_mask is not None and self_mask.shape[-2] > 1:
+                self_mask = self_mask[..., :first, :]
+            num_queries = min(num_queries, first)
+            text_rows = None
         attended, _ = self.self_attn(hidden, (k, v), self_mask)
         cross_weights = None
         if num_queries == 0:
-            return self.ffn(attended), present, None
-        queries = attended[:, :num_queries]
+            return self.ffn(attended, text_rows), present, None
+        # split, not two slices: its backward concatenates the two gradients instead of zero-filling
+        # two full-size tensors and adding them.
+        queries, text = attended.split([num_queries, attended.shape[1] - num_queries], dim=1)
         if self.cross_attn is not None:
             if image_kv is None:
                 raise ValueError("a cross-attention layer needs image keys/values")
             queries, cross_weights = self.cross_attn(queries, image_kv, image_mask, need_weights)
         out = self.ffn_query(queries)
-        if attended.shape[1] > num_queries:
-            out = torch.cat([out, self.ffn(attended[:, num_queries:])], dim=1)
+        if text.shape[1]:
+            out = torch.cat([out, self.ffn(text, text_rows)], dim=1)
         return out, present, cross_weights

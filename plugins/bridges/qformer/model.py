@@ -19,7 +19,7 @@ from blipkit.interfaces import Bridge, BridgeOutput
 from blipkit.io import atomic_path, load_safetensors, read_json
 
 from .init import MINILM, bert_state_for, build_tokenizer, init_bert_style, resolve_init
-from .layers import KeyValue, QFormerLayer, additive_mask
+from .layers import KeyValue, QFormerLayer, additive_mask, real_rows
 
 TokenizedText = Mapping[str, torch.Tensor]
 
@@ -211,9 +211,12 @@ class QFormer(Bridge):
         image_kv: Sequence[KeyValue | None] | None = None,
         image_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        first: int | None = None,
+        text_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KeyValue], list[torch.Tensor]]:
         presents: list[KeyValue] = []
         weights: list[torch.Tensor] = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             hidden, present, cross = layer(
                 hidden,
@@ -223,6 +226,8 @@ class QFormer(Bridge):
                 image_kv[i] if image_kv is not None else None,
                 image_mask,
                 need_weights,
+                first if i == last else None,
+                text_rows,
             )
             presents.append(present)
             if cross is not None:
@@ -274,13 +279,19 @@ class QFormer(Bridge):
         return BridgeOutput(queries=out.hidden, attentions=out.attentions)
 
     def text_pass(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, words: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        words: torch.Tensor | None = None,
+        cls_only: bool = False,
     ) -> torch.Tensor:
-        """Text only, bidirectional over non-pad tokens -> [B, T, H] (position 0 is [CLS]). ``words``: the
-        word embeddings of ``input_ids`` if already looked up, in this and the other passes."""
+        """Text only, bidirectional over non-pad tokens -> [B, T, H] (position 0 is [CLS]; padding positions
+        hold unspecified values in this and the other passes), or with ``cls_only`` [B, 1, H] (the last
+        layer then skips the other positions). ``words``: the word embeddings of ``input_ids`` if already
+        looked up, in this and the other passes."""
         hidden = self.embeddings(input_ids=input_ids, words=words)
         mask = additive_mask(attention_mask)[:, None, None, :]
-        return self._run(hidden, 0, mask)[0]
+        return self._run(hidden, 0, mask, first=1 if cls_only else None, text_rows=real_rows(attention_mask))[0]
 
     def pair_pass(
         self,
@@ -289,12 +300,17 @@ class QFormer(Bridge):
         image_kv: Sequence[KeyValue | None],
         image_mask: torch.Tensor | None,
         words: torch.Tensor | None = None,
+        queries_only: bool = False,
     ) -> torch.Tensor:
-        """[queries | text] with bidirectional self-attention, queries cross-attending -> [B, Q + T, H]."""
+        """[queries | text] with bidirectional self-attention, queries cross-attending -> [B, Q + T, H], or
+        with ``queries_only`` [B, Q, H] (the last layer then skips its text positions)."""
         batch = input_ids.shape[0]
         hidden = self.embeddings(queries=self.query_tokens.expand(batch, -1, -1), input_ids=input_ids, words=words)
         keep = torch.cat([attention_mask.new_ones(batch, self.num_queries), attention_mask], dim=1)
-        return self._run(hidden, self.num_queries, additive_mask(keep)[:, None, None, :], None, image_kv, image_mask)[0]
+        mask = additive_mask(keep)[:, None, None, :]
+        first = self.num_queries if queries_only else None
+        rows = real_rows(attention_mask)
+        return self._run(hidden, self.num_queries, mask, None, image_kv, image_mask, first=first, text_rows=rows)[0]
 
     def decoder_pass(
         self,
@@ -311,7 +327,7 @@ class QFormer(Bridge):
         text_keep = causal[None] & attention_mask.bool()[:, None, :]
         query_keep = text_keep.new_ones(batch, length, past[0][0].shape[2])
         mask = additive_mask(torch.cat([query_keep, text_keep], dim=2))[:, None]
-        return self._run(hidden, 0, mask, past)[0]
+        return self._run(hidden, 0, mask, past, text_rows=real_rows(attention_mask))[0]
 
     # ---- text and inference helpers ----------------------------------------------------------------
 
@@ -343,7 +359,7 @@ class QFormer(Bridge):
         """L2-normalised [CLS] features in ITC space [B, embed_dim]."""
         tokens = self.as_tokenized(text)
         with fp32(tokens["input_ids"].device):
-            hidden = self.text_pass(tokens["input_ids"], tokens["attention_mask"])
+            hidden = self.text_pass(tokens["input_ids"], tokens["attention_mask"], cls_only=True)
             return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
     @staticmethod
@@ -359,8 +375,8 @@ class QFormer(Bridge):
         with fp32(image_tokens.device):
             _, kv = self.project_image(image_tokens)
             mask = self.image_additive_mask(image_mask)
-            hidden = self.pair_pass(tokens["input_ids"], tokens["attention_mask"], kv, mask)
-            return self.itm_head(hidden[:, : self.num_queries]).mean(dim=1)
+            hidden = self.pair_pass(tokens["input_ids"], tokens["attention_mask"], kv, mask, queries_only=True)
+            return self.itm_head(hidden).mean(dim=1)
 
     def itm_score(
         self, image_tokens: torch.Tensor, text: Sequence[str] | TokenizedText, image_mask: torch.Tensor | None = None

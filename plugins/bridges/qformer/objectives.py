@@ -108,7 +108,8 @@ def _negative_image_kv(
     of the query pass's own keys/values, so no image is projected twice."""
     _, size = world()
     if size == 1:
-        kv = [None if pair is None else (pair[0][negatives], pair[1][negatives]) for pair in queries.image_kv]
+        # index_select: its backward is an index_add, much cheaper on CPU than indexing's index_put.
+        kv = [None if pair is None else tuple(t.index_select(0, negatives) for t in pair) for pair in queries.image_kv]
         return kv, None if image_keep is None else image_keep[negatives]
     kv = model.project_normed(gather_with_local_grad(image)[negatives])
     keep = None if image_keep is None else gather_padded(image_keep, 0)[negatives]
@@ -166,9 +167,14 @@ def _itm(
     ]
     keep = None if image_keep is None else torch.cat([image_keep, neg_keep, image_keep], dim=0)
     hidden = model.pair_pass(
-        texts.ids[text_rows], texts.mask[text_rows], kv, model.image_additive_mask(keep), texts.words[text_rows]
+        texts.ids[text_rows],
+        texts.mask[text_rows],
+        kv,
+        model.image_additive_mask(keep),
+        texts.words.index_select(0, text_rows),
+        queries_only=True,
     )
-    logits = model.itm_head(hidden[:, : model.num_queries]).mean(dim=1)
+    logits = model.itm_head(hidden).mean(dim=1)
     labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).to(device=logits.device, dtype=torch.long)
     accuracy = (logits.argmax(dim=1) == labels).float().mean()
     return F.cross_entropy(logits, labels), accuracy.detach()
@@ -179,12 +185,11 @@ def _itg(model: QFormer, queries: QueryPass, texts: Texts) -> torch.Tensor:
     decoder_ids = ids.clone()
     decoder_ids[:, 0] = model.tokenizer.bos_token_id
     decoder_words = torch.cat([texts.bos.expand(ids.shape[0], 1, -1), words[:, 1:]], dim=1)
-    labels = decoder_ids.masked_fill(mask == 0, -100)
     hidden = model.decoder_pass(decoder_ids, mask, queries.past, decoder_words)
-    logits = model.lm_head(hidden[:, :-1], model.embeddings.word.weight)
-    return F.cross_entropy(
-        logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=LABEL_SMOOTHING
-    )
+    # Only positions whose next token is real text are scored: the vocabulary-wide head skips the padding.
+    scored = mask[:, 1:].bool()
+    logits = model.lm_head(hidden[:, :-1][scored], model.embeddings.word.weight)
+    return F.cross_entropy(logits, decoder_ids[:, 1:][scored], label_smoothing=LABEL_SMOOTHING)
 
 
 def stage1_losses(
@@ -204,7 +209,7 @@ def stage1_losses(
     texts = embed_texts(model, ids, mask)
 
     image_feats = F.normalize(model.vision_proj(queries.hidden), dim=-1)
-    text_feat = F.normalize(model.text_proj(model.text_pass(*texts.mine())[:, 0]), dim=-1)
+    text_feat = F.normalize(model.text_proj(model.text_pass(*texts.mine(), cls_only=True)[:, 0]), dim=-1)
     positives = positive_mask(ids.shape[0], image_ids, ids.device)
     itc, sim_i2t, sim_t2i = _itc(model, image_feats, text_feat, positives)
     itm, itm_acc = _itm(model, image, queries, image_keep, texts, sim_i2t.detach(), sim_t2i.detach(), positives)
