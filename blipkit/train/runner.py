@@ -38,6 +38,7 @@ from blipkit.pipeline import (
 from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
 from blipkit.train.lexical import LexicalFit, lexical_init
 from blipkit.train.lora import has_lora
+from blipkit.train.memory import reuse_freed_memory
 from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
 from blipkit.train.state import load_trainer_state, restore_rng, save_trainer_state
 
@@ -195,6 +196,13 @@ def train(
     quiet: bool = False,
 ) -> TrainResult:
     """Run the recipe's stages and write the run directory; ``stop_after`` optimizer steps ends early."""
+    with reuse_freed_memory(enabled=not torch.cuda.is_available()):
+        return _train(recipe, output, resume, overwrite, stop_after, quiet)
+
+
+def _train(
+    recipe: Recipe, output: str | Path | None, resume: bool, overwrite: bool, stop_after: int | None, quiet: bool
+) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
