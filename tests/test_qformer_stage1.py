@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from blipkit.plugins.bridges.qformer import objectives
-from blipkit.plugins.bridges.qformer.layers import additive_mask
+from blipkit.plugins.bridges.qformer.layers import Attention, ImageBlock, additive_mask
 from blipkit.plugins.bridges.qformer.model import QFormer
 
 SIZES = dict(num_queries=4, num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64, max_position_embeddings=64)
@@ -43,7 +43,7 @@ def _unilm_itg_hidden(
     keep[:, :q, :q] = True
     keep[:, q:, :q] = True
     keep[:, q:, q:] = torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, :]
-    return model._run(hidden, q, additive_mask(keep)[:, None], None, kv)[0][:, q:]
+    return model._run(hidden, q, additive_mask(keep)[:, None], None, model.image_blocks(kv, None))[0][:, q:]
 
 
 def _dec_ids(model: QFormer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +118,42 @@ def test_image_keys_values_and_gradients_equal_ln_vision_then_projection(adapted
         assert torch.allclose(folded_grads[name], grad, atol=1e-10), name
 
 
+def test_rows_sharing_an_image_attend_together_as_if_each_had_a_copy() -> None:
+    """ITM's row blocks: outputs, maps and gradients equal attending row by row to copied keys/values (float64)."""
+    attention = Attention(16, 4, 24, dropout=0.0, eps=1e-12).double()
+    images = torch.randn(3, 7, 24, dtype=torch.float64)
+    keep = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
+    mask = additive_mask(keep, torch.float64)[:, None, None, :]
+    negatives = torch.tensor([2, 0, 0])
+    hidden = torch.randn(9, 5, 16, dtype=torch.float64)
+    upstream = torch.randn(9, 5, 16, dtype=torch.float64)
+
+    def run(blockwise: bool, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        attention.zero_grad(set_to_none=True)
+        kv = attention.project_kv(images)
+        neg_kv = tuple(t[negatives] for t in kv)
+        if blockwise:
+            blocks = [ImageBlock(kv, mask, repeats=2), ImageBlock(neg_kv, mask[negatives])]
+            out, weights = attention.read(hidden, blocks, need_weights)
+        else:
+            copied = tuple(torch.cat([t, t, n]) for t, n in zip(kv, neg_kv, strict=True))
+            out, weights = attention(hidden, copied, torch.cat([mask, mask, mask[negatives]]), need_weights)
+        (out * upstream).sum().backward()
+        return out.detach(), weights, [p.grad.clone() for p in attention.parameters()]
+
+    for need_weights in (False, True):
+        out, weights, grads = run(True, need_weights)
+        ref, ref_weights, ref_grads = run(False, need_weights)
+        assert torch.allclose(out, ref, atol=1e-12)
+        assert all(torch.allclose(g, r, atol=1e-10) for g, r in zip(grads, ref_grads, strict=True))
+        if need_weights:
+            assert torch.allclose(weights, ref_weights, atol=1e-12)
+            assert weights[4, :, :, 5:].abs().max() == 0
+    blocks = [ImageBlock(attention.project_kv(images), mask, repeats=3)]
+    with pytest.raises(ValueError, match="cover 9 rows"):
+        attention.read(hidden[:8], blocks)
+
+
 def test_skipped_positions_change_no_used_output_or_gradient(monkeypatch) -> None:
     """The passes skip work whose result nothing reads: the last layer's positions other than [CLS] (ITC)
     or the queries (ITM), and the feed-forward of padding tokens. Kept outputs and every gradient must
@@ -136,7 +172,7 @@ def test_skipped_positions_change_no_used_output_or_gradient(monkeypatch) -> Non
         model.zero_grad(set_to_none=True)
         _, kv = model.project_image(image_tokens)
         cls = model.text_pass(ids, mask, cls_only=short)[:, :1]
-        queries = model.pair_pass(ids, mask, kv, image_mask, queries_only=short)[:, : model.num_queries]
+        queries = model.pair_pass(ids, mask, model.image_blocks(kv, image_mask), queries_only=short)[:, : model.num_queries]
         decoded = model.decoder_pass(ids, mask, model.query_pass(kv, image_mask).past)[mask.bool()]
         outputs = [cls, queries, decoded]
         sum((out * torch.randn_like(out)).sum() for out in outputs).backward()

@@ -4,12 +4,25 @@ query positions from text positions (separate FFNs; only queries cross-attend to
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ImageBlock:
+    """What a block of consecutive query rows cross-attends to: the keys/values [B, heads, S, head_dim] and
+    additive mask ([B, 1, 1, S] or None) of B images, read by ``repeats * B`` rows, row ``r * B + b``
+    reading image ``b``. Rows that read the same image attend to it together, so no keys/values are copied."""
+
+    kv: KeyValue
+    mask: torch.Tensor | None = None
+    repeats: int = 1
 
 
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -65,23 +78,57 @@ class Attention(nn.Module):
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from ``hidden`` [B, L, H] to ``kv``; ``mask`` is additive, broadcastable to [B, heads, L, S]."""
+        context, weights = self._attend(self._heads(self.query(hidden)), kv, mask, need_weights)
+        return self._output(context, hidden), weights
+
+    def read(
+        self, hidden: torch.Tensor, blocks: Sequence[ImageBlock], need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cross-attend from ``hidden`` [R, L, H], whose rows ``blocks`` cover in order, to their images."""
+        covered = sum(block.repeats * block.kv[0].shape[0] for block in blocks)
+        if covered != hidden.shape[0]:
+            raise ValueError(f"image blocks cover {covered} rows, the queries have {hidden.shape[0]}")
         q = self._heads(self.query(hidden))
+        length = q.shape[2]
+        contexts, weights, start = [], [], 0
+        for block in blocks:
+            images = block.kv[0].shape[0]
+            rows = q[start : start + block.repeats * images]
+            start += rows.shape[0]
+            # [r * B, heads, L, d] -> [B, heads, r * L, d]: a block's repeats become more query positions.
+            folded = rows.unflatten(0, (block.repeats, images)).permute(1, 2, 0, 3, 4).flatten(2, 3)
+            context, weight = self._attend(folded, block.kv, block.mask, need_weights)
+            contexts.append(_unfold(context, block.repeats, length))
+            if weight is not None:
+                weights.append(_unfold(weight, block.repeats, length))
+        context = contexts[0] if len(contexts) == 1 else torch.cat(contexts)
+        return self._output(context, hidden), (torch.cat(weights) if need_weights else None)
+
+    def _attend(
+        self, q: torch.Tensor, kv: KeyValue, mask: torch.Tensor | None, need_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         k, v = kv
         if mask is not None and mask.dtype != q.dtype:
             # scaled_dot_product_attention on CPU silently misreads a float32 mask beside float64 inputs.
             mask = mask.to(q.dtype)
         p = self.attention_dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if mask is not None:
-                scores = scores + mask
-            weights = scores.softmax(dim=-1)
-            context = F.dropout(weights, p=p, training=self.training) @ v
-        else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if not need_weights:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores + mask
+        weights = scores.softmax(dim=-1)
+        return F.dropout(weights, p=p, training=self.training) @ v, weights
+
+    def _output(self, context: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         context = context.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
-        return self.norm(self.dropout(self.dense(context)) + hidden), weights
+        return self.norm(self.dropout(self.dense(context)) + hidden)
+
+
+def _unfold(x: torch.Tensor, repeats: int, length: int) -> torch.Tensor:
+    """[B, heads, r * L, ...] -> [r * B, heads, L, ...], undoing ``Attention.read``'s folding of repeats."""
+    x = x.unflatten(2, (repeats, length))
+    return x.permute(2, 0, 1, *range(3, x.dim())).flatten(0, 1)
 
 
 class FeedForward(nn.Module):
@@ -141,8 +188,7 @@ class QFormerLayer(nn.Module):
         num_queries: int,
         self_mask: torch.Tensor | None = None,
         past_kv: KeyValue | None = None,
-        image_kv: KeyValue | None = None,
-        image_mask: torch.Tensor | None = None,
+        image: Sequence[ImageBlock] | None = None,
         need_weights: bool = False,
         first: int | None = None,
         text_rows: torch.Tensor | None = None,
@@ -150,7 +196,8 @@ class QFormerLayer(nn.Module):
         """Run the layer; returns (hidden, this pass's self-attention keys/values, cross-attention weights).
 
         The first ``num_queries`` positions of ``hidden`` are queries. ``past_kv`` (cached keys/values of
-        an earlier pass) is prepended to the self-attention keys/values. With ``first``, only the first
+        an earlier pass) is prepended to the self-attention keys/values; ``image`` is what the query rows
+        cross-attend to. With ``first``, only the first
         ``first`` positions are computed and returned (every position still serves as a key and value).
         ``text_rows`` (from ``real_rows`` of the text's attention mask) limits the text feed-forward to
         real tokens.
@@ -174,9 +221,9 @@ class QFormerLayer(nn.Module):
         # two full-size tensors and adding them.
         queries, text = attended.split([num_queries, attended.shape[1] - num_queries], dim=1)
         if self.cross_attn is not None:
-            if image_kv is None:
+            if image is None:
                 raise ValueError("a cross-attention layer needs image keys/values")
-            queries, cross_weights = self.cross_attn(queries, image_kv, image_mask, need_weights)
+            queries, cross_weights = self.cross_attn.read(queries, image, need_weights)
         out = self.ffn_query(queries)
         if text.shape[1]:
             out = torch.cat([out, self.ffn(text, text_rows)], dim=1)

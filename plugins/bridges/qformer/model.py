@@ -19,9 +19,10 @@ from blipkit.interfaces import Bridge, BridgeOutput
 from blipkit.io import atomic_path, load_safetensors, read_json
 
 from .init import MINILM, bert_state_for, build_tokenizer, init_bert_style, resolve_init
-from .layers import KeyValue, QFormerLayer, additive_mask, real_rows
+from .layers import ImageBlock, KeyValue, QFormerLayer, additive_mask, real_rows
 
 TokenizedText = Mapping[str, torch.Tensor]
+LayerImages = Sequence[Sequence[ImageBlock] | None]
 
 
 @dataclass
@@ -208,8 +209,7 @@ class QFormer(Bridge):
         num_queries: int,
         self_mask: torch.Tensor | None,
         past: Sequence[KeyValue] | None = None,
-        image_kv: Sequence[KeyValue | None] | None = None,
-        image_mask: torch.Tensor | None = None,
+        image: LayerImages | None = None,
         need_weights: bool = False,
         first: int | None = None,
         text_rows: torch.Tensor | None = None,
@@ -223,8 +223,7 @@ class QFormer(Bridge):
                 num_queries,
                 self_mask,
                 past[i] if past is not None else None,
-                image_kv[i] if image_kv is not None else None,
-                image_mask,
+                image[i] if image is not None else None,
                 need_weights,
                 first if i == last else None,
                 text_rows,
@@ -253,6 +252,11 @@ class QFormer(Bridge):
         """Encoder-token keep mask [B, N] -> additive mask [B, 1, 1, N]."""
         return None if image_mask is None else additive_mask(image_mask)[:, None, None, :]
 
+    @staticmethod
+    def image_blocks(image_kv: Sequence[KeyValue | None], image_mask: torch.Tensor | None) -> list[list[ImageBlock] | None]:
+        """Per layer, the cross-attention input of a pass whose row b reads image b (``image_mask`` additive or None)."""
+        return [None if kv is None else [ImageBlock(kv, image_mask)] for kv in image_kv]
+
     def query_pass(
         self,
         image_kv: Sequence[KeyValue | None],
@@ -262,7 +266,8 @@ class QFormer(Bridge):
         """Queries only, cross-attending to projected image tokens (``image_mask`` additive or None)."""
         batch = next(kv[0].shape[0] for kv in image_kv if kv is not None)
         hidden = self.embeddings(queries=self.query_tokens.expand(batch, -1, -1))
-        hidden, past, weights = self._run(hidden, self.num_queries, None, None, image_kv, image_mask, output_attentions)
+        image = self.image_blocks(image_kv, image_mask)
+        hidden, past, weights = self._run(hidden, self.num_queries, None, None, image, output_attentions)
         return QueryPass(hidden, past, list(image_kv), image_mask, tuple(weights) if output_attentions else None)
 
     def forward(
@@ -297,20 +302,20 @@ class QFormer(Bridge):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        image_kv: Sequence[KeyValue | None],
-        image_mask: torch.Tensor | None,
+        image: LayerImages,
         words: torch.Tensor | None = None,
         queries_only: bool = False,
     ) -> torch.Tensor:
-        """[queries | text] with bidirectional self-attention, queries cross-attending -> [B, Q + T, H], or
-        with ``queries_only`` [B, Q, H] (the last layer then skips its text positions)."""
+        """[queries | text] with bidirectional self-attention, queries cross-attending to ``image`` (per layer,
+        from ``image_blocks``) -> [B, Q + T, H], or with ``queries_only`` [B, Q, H] (the last layer then skips
+        its text positions)."""
         batch = input_ids.shape[0]
         hidden = self.embeddings(queries=self.query_tokens.expand(batch, -1, -1), input_ids=input_ids, words=words)
         keep = torch.cat([attention_mask.new_ones(batch, self.num_queries), attention_mask], dim=1)
         mask = additive_mask(keep)[:, None, None, :]
         first = self.num_queries if queries_only else None
         rows = real_rows(attention_mask)
-        return self._run(hidden, self.num_queries, mask, None, image_kv, image_mask, first=first, text_rows=rows)[0]
+        return self._run(hidden, self.num_queries, mask, None, image, first=first, text_rows=rows)[0]
 
     def decoder_pass(
         self,
@@ -374,8 +379,8 @@ class QFormer(Bridge):
         tokens = self.as_tokenized(text)
         with fp32(image_tokens.device):
             _, kv = self.project_image(image_tokens)
-            mask = self.image_additive_mask(image_mask)
-            hidden = self.pair_pass(tokens["input_ids"], tokens["attention_mask"], kv, mask, queries_only=True)
+            image = self.image_blocks(kv, self.image_additive_mask(image_mask))
+            hidden = self.pair_pass(tokens["input_ids"], tokens["attention_mask"], image, queries_only=True)
             return self.itm_head(hidden).mean(dim=1)
 
     def itm_score(

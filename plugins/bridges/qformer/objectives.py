@@ -4,7 +4,7 @@ hard negatives (ITM) and image-grounded text generation (ITG), with negatives fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from blipkit.errors import DataError
 
-from .layers import KeyValue, additive_mask
+from .layers import ImageBlock, KeyValue, additive_mask
 
 if TYPE_CHECKING:
     from .model import QFormer, QueryPass
@@ -97,19 +97,31 @@ def _itc(
     return loss, sim_i2t, sim_t2i
 
 
-def _negative_image_kv(
-    model: QFormer,
-    image: torch.Tensor,
-    queries: QueryPass,
-    image_keep: torch.Tensor | None,
-    negatives: torch.Tensor,
+class GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward makes the incoming gradient contiguous before adding it up:
+    attention hands back key/value gradients in a transposed layout, on which index_add falls back to a
+    generic scatter several times slower."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_add_(0, index, grad.contiguous()), None
+
+
+def _negative_images(
+    model: QFormer, image: torch.Tensor, queries: QueryPass, image_keep: torch.Tensor | None, negatives: torch.Tensor
 ) -> tuple[list[KeyValue | None], torch.Tensor | None]:
     """Cross-attention keys/values (and keep mask) of the negative images. On one rank they are rows
     of the query pass's own keys/values, so no image is projected twice."""
     _, size = world()
     if size == 1:
-        # index_select: its backward is an index_add, much cheaper on CPU than indexing's index_put.
-        kv = [None if pair is None else tuple(t.index_select(0, negatives) for t in pair) for pair in queries.image_kv]
+        kv = [None if pair is None else tuple(GatherRows.apply(t, negatives) for t in pair) for pair in queries.image_kv]
         return kv, None if image_keep is None else image_keep[negatives]
     kv = model.project_normed(gather_with_local_grad(image)[negatives])
     keep = None if image_keep is None else gather_padded(image_keep, 0)[negatives]
@@ -157,22 +169,19 @@ def _itm(
     neg_image = sample_hard_negatives(sim_t2i, positives)
     neg_text = sample_hard_negatives(sim_i2t, positives)
     rows = torch.arange(texts.local.start, texts.local.stop, device=texts.ids.device)
-    text_rows = torch.cat([rows, rows, neg_text])
+    # Rows: positive pairs, then each image with a negative text (both read the batch's own images, so
+    # their queries attend to them together), then each text with a negative image.
+    text_rows = torch.cat([rows, neg_text, rows])
     batch = rows.shape[0]
 
-    neg_kv, neg_keep = _negative_image_kv(model, image, queries, image_keep, neg_image)
-    kv = [
-        None if pos is None else tuple(torch.cat([p, n, p], dim=0) for p, n in zip(pos, neg, strict=True))
-        for pos, neg in zip(queries.image_kv, neg_kv, strict=True)
+    neg_kv, neg_keep = _negative_images(model, image, queries, image_keep, neg_image)
+    neg_mask = model.image_additive_mask(neg_keep)
+    images = [
+        None if own is None else [ImageBlock(own, queries.image_mask, repeats=2), ImageBlock(neg, neg_mask)]
+        for own, neg in zip(queries.image_kv, neg_kv, strict=True)
     ]
-    keep = None if image_keep is None else torch.cat([image_keep, neg_keep, image_keep], dim=0)
     hidden = model.pair_pass(
-        texts.ids[text_rows],
-        texts.mask[text_rows],
-        kv,
-        model.image_additive_mask(keep),
-        texts.words.index_select(0, text_rows),
-        queries_only=True,
+        texts.ids[text_rows], texts.mask[text_rows], images, texts.words.index_select(0, text_rows), queries_only=True
     )
     logits = model.itm_head(hidden).mean(dim=1)
     labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).to(device=logits.device, dtype=torch.long)
