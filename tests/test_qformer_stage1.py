@@ -154,6 +154,43 @@ def test_rows_sharing_an_image_attend_together_as_if_each_had_a_copy() -> None:
         attention.read(hidden[:8], blocks)
 
 
+@pytest.mark.parametrize("queries_only", [False, True])
+def test_pair_pass_over_text_rows_equals_pass_over_copied_texts(queries_only: bool) -> None:
+    """ITM pairs each text with several images and runs the text's first layer once; real positions' outputs
+    and every gradient must equal a pass over copies of the texts (float64)."""
+    model = tiny(dropout=0.0).double()
+    tokens = model.tokenize(CAPTIONS[:3])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    rows = torch.tensor([0, 1, 2, 2, 0, 1, 0])
+    image_tokens = torch.randn(7, 7, 24, dtype=torch.float64)
+    image_mask = model.image_additive_mask(torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4] * 2 + [[1] * 7]))
+    keep = torch.cat([torch.ones(7, model.num_queries, dtype=torch.long), mask[rows]], dim=1).bool()
+    if queries_only:
+        keep = keep[:, : model.num_queries]
+    upstream = torch.randn(int(keep.sum()), model.hidden_size, dtype=torch.float64)
+
+    def run(expanded: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        image = model.image_blocks(model.project_image(image_tokens)[1], image_mask)
+        if expanded:
+            out = model.pair_pass(ids, mask, image, queries_only=queries_only, rows=rows)
+        else:
+            out = model.pair_pass(ids[rows], mask[rows], image, queries_only=queries_only)
+        out = out[keep]
+        (out * upstream).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, grads = run(True)
+    ref, ref_grads = run(False)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-10), name
+    moved = model.pair_pass(ids, mask, model.image_blocks(model.project_image(image_tokens)[1], image_mask),
+                            queries_only=queries_only, rows=rows.roll(1))
+    assert (moved[keep].detach() - out).abs().max() > 1e-4
+
+
 def test_skipped_positions_change_no_used_output_or_gradient(monkeypatch) -> None:
     """The passes skip work whose result nothing reads: the last layer's positions other than [CLS] (ITC)
     or the queries (ITM), and the feed-forward of padding tokens. Kept outputs and every gradient must

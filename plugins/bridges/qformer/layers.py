@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,26 @@ class FeedForward(nn.Module):
         return flat.index_copy(0, rows, self(flat.index_select(0, rows))).view_as(x)
 
 
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_add_(0, index, grad.contiguous()), None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)``, whose backward first makes the incoming gradient contiguous: the gradients
+    that reach these gathers (attention's key/value gradients, slices of a concatenation) come strided, and on
+    those index_add falls back to a generic scatter several times slower."""
+    return _GatherRows.apply(x, index)
+
+
 def real_rows(attention_mask: torch.Tensor) -> torch.Tensor | None:
     """Flat indices of the non-pad positions of ``attention_mask`` [B, T], or None when none is padding.
 
@@ -192,15 +213,17 @@ class QFormerLayer(nn.Module):
         need_weights: bool = False,
         first: int | None = None,
         text_rows: torch.Tensor | None = None,
+        expand: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KeyValue, torch.Tensor | None]:
         """Run the layer; returns (hidden, this pass's self-attention keys/values, cross-attention weights).
 
         The first ``num_queries`` positions of ``hidden`` are queries. ``past_kv`` (cached keys/values of
         an earlier pass) is prepended to the self-attention keys/values; ``image`` is what the query rows
-        cross-attend to. With ``first``, only the first
-        ``first`` positions are computed and returned (every position still serves as a key and value).
-        ``text_rows`` (from ``real_rows`` of the text's attention mask) limits the text feed-forward to
-        real tokens.
+        cross-attend to. With ``first``, only the first ``first`` positions are computed and returned (every
+        position still serves as a key and value). ``text_rows`` (from ``real_rows`` of the text's attention
+        mask) limits the text feed-forward to real tokens. With ``expand`` [R], output row r continues input
+        row ``expand[r]``: self-attention and the text feed-forward, which do not see the image, run once per
+        input row, and only the query rows' cross-attention and feed-forward run once per output row.
         """
         k, v = self.self_attn.project_kv(hidden)
         present = (k, v)
@@ -220,11 +243,15 @@ class QFormerLayer(nn.Module):
         # split, not two slices: its backward concatenates the two gradients instead of zero-filling
         # two full-size tensors and adding them.
         queries, text = attended.split([num_queries, attended.shape[1] - num_queries], dim=1)
+        if text.shape[1]:
+            text = self.ffn(text, text_rows)
+        if expand is not None:
+            queries, text = gather_rows(queries, expand), gather_rows(text, expand)
         if self.cross_attn is not None:
             if image is None:
                 raise ValueError("a cross-attention layer needs image keys/values")
             queries, cross_weights = self.cross_attn.read(queries, image, need_weights)
         out = self.ffn_query(queries)
         if text.shape[1]:
-            out = torch.cat([out, self.ffn(text, text_rows)], dim=1)
+            out = torch.cat([out, text], dim=1)
         return out, present, cross_weights

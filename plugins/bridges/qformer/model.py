@@ -36,6 +36,16 @@ class QueryPass:
     attentions: tuple[torch.Tensor, ...] | None
 
 
+@dataclass
+class Expansion:
+    """A pass whose first layer runs on U texts and the rest on R rows (row r continuing text ``rows[r]``),
+    with the self-attention mask and real text rows of the R-row layout."""
+
+    rows: torch.Tensor
+    self_mask: torch.Tensor
+    text_rows: torch.Tensor | None
+
+
 @contextlib.contextmanager
 def fp32(device: torch.device) -> Iterator[None]:
     """Run the block with autocast off: the Q-Former computes in fp32 whatever the caller's autocast."""
@@ -213,6 +223,7 @@ class QFormer(Bridge):
         need_weights: bool = False,
         first: int | None = None,
         text_rows: torch.Tensor | None = None,
+        expand: Expansion | None = None,
     ) -> tuple[torch.Tensor, list[KeyValue], list[torch.Tensor]]:
         presents: list[KeyValue] = []
         weights: list[torch.Tensor] = []
@@ -227,7 +238,10 @@ class QFormer(Bridge):
                 need_weights,
                 first if i == last else None,
                 text_rows,
+                expand.rows if expand is not None and i == 0 else None,
             )
+            if expand is not None and i == 0:
+                self_mask, text_rows = expand.self_mask, expand.text_rows
             presents.append(present)
             if cross is not None:
                 weights.append(cross)
@@ -305,17 +319,27 @@ class QFormer(Bridge):
         image: LayerImages,
         words: torch.Tensor | None = None,
         queries_only: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[queries | text] with bidirectional self-attention, queries cross-attending to ``image`` (per layer,
         from ``image_blocks``) -> [B, Q + T, H], or with ``queries_only`` [B, Q, H] (the last layer then skips
-        its text positions)."""
+        its text positions). With ``rows`` [R], row r pairs text ``rows[r]`` with the image of row r -> [R, ...]:
+        the first layer, where no image has reached the text yet, runs once per text."""
         batch = input_ids.shape[0]
         hidden = self.embeddings(queries=self.query_tokens.expand(batch, -1, -1), input_ids=input_ids, words=words)
-        keep = torch.cat([attention_mask.new_ones(batch, self.num_queries), attention_mask], dim=1)
-        mask = additive_mask(keep)[:, None, None, :]
         first = self.num_queries if queries_only else None
-        rows = real_rows(attention_mask)
-        return self._run(hidden, self.num_queries, mask, None, image, first=first, text_rows=rows)[0]
+        expand = None
+        if rows is not None:
+            expanded = attention_mask.index_select(0, rows)
+            expand = Expansion(rows, self._pair_mask(expanded), real_rows(expanded))
+        mask, text_rows = self._pair_mask(attention_mask), real_rows(attention_mask)
+        return self._run(
+            hidden, self.num_queries, mask, None, image, first=first, text_rows=text_rows, expand=expand
+        )[0]
+
+    def _pair_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        keep = torch.cat([attention_mask.new_ones(attention_mask.shape[0], self.num_queries), attention_mask], dim=1)
+        return additive_mask(keep)[:, None, None, :]
 
     def decoder_pass(
         self,

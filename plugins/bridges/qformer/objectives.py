@@ -4,7 +4,7 @@ hard negatives (ITM) and image-grounded text generation (ITG), with negatives fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from blipkit.errors import DataError
 
-from .layers import ImageBlock, KeyValue, additive_mask
+from .layers import ImageBlock, KeyValue, additive_mask, gather_rows
 
 if TYPE_CHECKING:
     from .model import QFormer, QueryPass
@@ -97,23 +97,6 @@ def _itc(
     return loss, sim_i2t, sim_t2i
 
 
-class GatherRows(torch.autograd.Function):
-    """``x.index_select(0, index)`` whose backward makes the incoming gradient contiguous before adding it up:
-    attention hands back key/value gradients in a transposed layout, on which index_add falls back to a
-    generic scatter several times slower."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.rows = x.shape[0]
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_add_(0, index, grad.contiguous()), None
-
-
 def _negative_images(
     model: QFormer, image: torch.Tensor, queries: QueryPass, image_keep: torch.Tensor | None, negatives: torch.Tensor
 ) -> tuple[list[KeyValue | None], torch.Tensor | None]:
@@ -121,7 +104,7 @@ def _negative_images(
     of the query pass's own keys/values, so no image is projected twice."""
     _, size = world()
     if size == 1:
-        kv = [None if pair is None else tuple(GatherRows.apply(t, negatives) for t in pair) for pair in queries.image_kv]
+        kv = [None if pair is None else tuple(gather_rows(t, negatives) for t in pair) for pair in queries.image_kv]
         return kv, None if image_keep is None else image_keep[negatives]
     kv = model.project_normed(gather_with_local_grad(image)[negatives])
     keep = None if image_keep is None else gather_padded(image_keep, 0)[negatives]
@@ -180,9 +163,10 @@ def _itm(
         None if own is None else [ImageBlock(own, queries.image_mask, repeats=2), ImageBlock(neg, neg_mask)]
         for own, neg in zip(queries.image_kv, neg_kv, strict=True)
     ]
-    hidden = model.pair_pass(
-        texts.ids[text_rows], texts.mask[text_rows], images, texts.words.index_select(0, text_rows), queries_only=True
-    )
+    # Each text is paired with up to three images, but its first layer does not see them: run it once.
+    unique, pairs = torch.unique(text_rows, return_inverse=True)
+    ids, mask, words = texts.ids[unique], texts.mask[unique], texts.words.index_select(0, unique)
+    hidden = model.pair_pass(ids, mask, images, words, queries_only=True, rows=pairs)
     logits = model.itm_head(hidden).mean(dim=1)
     labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).to(device=logits.device, dtype=torch.long)
     accuracy = (logits.argmax(dim=1) == labels).float().mean()
