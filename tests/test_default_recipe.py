@@ -28,7 +28,7 @@ SHORTENED = [
     "stage2.tasks=[caption]",
     "stage2.task_weights=null",
 ]
-"""20 + 40 steps (the default has 80 + 70), a quarter of its images, and captions alone in stage 2."""
+"""20 + 40 steps (the default has 80 + 90), a quarter of its images, and captions alone in stage 2."""
 
 
 def binomial_tail(successes: int, trials: int, p: float) -> float:
