@@ -3,7 +3,7 @@
 A training step frees and reallocates the same large tensors every step: vocabulary-sized gradients,
 attention gradients, feed-forward activations. glibc's malloc serves allocations above a threshold (at
 most 32 MiB) with fresh ``mmap`` regions and returns trimmed heap memory to the system, so each step
-pays the kernel's page faults again on tens of megabytes: on 2 cores that was about 5% of a Q-Former
+pays the kernel's page faults again on tens of megabytes: on 2 cores that was about 6% of a Q-Former
 stage-1 step. While ``reuse_freed_memory`` is open, every allocation comes from the heap and freed
 memory stays there for the next step, as the caching allocators of GPU frameworks do.
 """
