@@ -114,7 +114,8 @@ def ask(image: str, question: str, model: str | None, as_json: bool) -> None:
 def retrieve(model: str | None, image_inputs: tuple[str, ...], text: str, top_k: int, rerank_k: int, as_json: bool) -> None:
     """Find the images that best match --text: contrastive similarity, then ITM re-ranking (BLIP-2's way).
 
-    Needs a model whose Q-Former was trained with stage 1.
+    Needs a model whose Q-Former was trained with stage 1. A Q-Former trained without ITM (the default
+    recipe's) ranks by contrastive similarity alone.
     """
     import blipkit
     from blipkit.data.images import iter_image_paths

@@ -29,7 +29,8 @@ def retrieve_images(
 ) -> list[tuple[Path, float]]:
     """The ``top_k`` images for ``text``: ITC similarity picks ``rerank_k`` candidates, ITM re-ranks them.
 
-    Final scores are ITM logit + ITC similarity, as BLIP-2 (LAVIS) ranks; unreadable images are skipped.
+    Final scores are ITM logit + ITC similarity, as BLIP-2 (LAVIS) ranks; a Q-Former trained without ITM
+    ranks by ITC similarity alone. Unreadable images are skipped.
     """
     kept: list[Path] = []
     tokens: list[torch.Tensor] = []
@@ -52,6 +53,9 @@ def retrieve_images(
     with torch.no_grad():
         image_embeds = torch.cat([bridge.image_embeds(chunk.to(model.device)) for chunk in all_tokens.split(batch_size)])
         similarity = model.similarity(image_embeds, model.embed_texts([text]))[:, 0].cpu()
+        if not bridge.has_itm:
+            ranked = similarity.argsort(descending=True)[:top_k]
+            return [(kept[int(i)], float(similarity[i])) for i in ranked]
         candidates = similarity.topk(min(rerank_k, len(kept))).indices
         itm = torch.cat([
             model.itm_score_tokens(all_tokens[chunk].to(model.device), [text] * len(chunk)).cpu()

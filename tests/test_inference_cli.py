@@ -83,6 +83,33 @@ def test_retrieve_ranks_images(run_dir: Path, images: Path) -> None:
     assert "broken.png" in result.stderr
 
 
+def test_without_itm_retrieval_ranks_by_contrastive_similarity(tmp_path: Path, images: Path) -> None:
+    import torch
+
+    import blipkit
+    from blipkit.data.images import load_image
+    from blipkit.eval.evaluate import evaluate
+    from blipkit.train.runner import open_dataset
+
+    overrides = ["stage1.steps=2", "stage2.steps=1", "bridge.options.objectives=[itc,itg]"]
+    train(load_recipe("tiny", overrides), output=tmp_path / "run", quiet=True)
+    model = blipkit.load(tmp_path / "run")
+    assert model.bridge.objectives == ("itc", "itg")
+    result = invoke("retrieve", "-m", str(tmp_path / "run"), "--images", str(images), "--text", "a red square", "--json")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    paths = sorted(p for p in images.iterdir() if p.name != "broken.png")
+    with torch.no_grad():
+        similarity = model.similarity(model.embed_images([load_image(p) for p in paths]), model.embed_texts(["a red square"]))
+    expected = sorted(zip(similarity[:, 0].tolist(), [str(p) for p in paths]), reverse=True)
+    assert [r["image"] for r in rows] == [path for _, path in expected]
+    assert [r["score"] for r in rows] == [round(score, 4) for score, _ in expected]
+
+    test = open_dataset("shapes", "test", {"num_images": 6, "image_size": 32})
+    scores = evaluate(model, test, "retrieval", batch_size=4).scores
+    assert {"i2t_r1", "t2i_r1"} <= set(scores)
+
+
 def test_attention_png_varies_with_the_image(run_dir: Path, images: Path, tmp_path: Path) -> None:
     outputs = []
     for name in ("red.png", "blue.jpg"):

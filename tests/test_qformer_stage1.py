@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from blipkit.errors import BlipkitError, ConfigError
 from blipkit.plugins.bridges.qformer import objectives
 from blipkit.plugins.bridges.qformer.layers import Attention, ImageBlock, additive_mask
 from blipkit.plugins.bridges.qformer.model import QFormer
@@ -266,6 +267,45 @@ def test_losses_and_gradients_equal_direct_recomputation(monkeypatch) -> None:
     (itc + itm + itg).backward()
     for name, param in model.named_parameters():
         assert torch.allclose(grads[name], param.grad.to(grads[name].dtype), atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("chosen", [("itc", "itg"), ("itm",), ("itg",), ("itc", "itm")])
+def test_chosen_objectives_train_alone_and_equal_the_full_losses(chosen: tuple[str, ...]) -> None:
+    full = tiny(dropout=0.0).eval()
+    part = tiny(dropout=0.0, objectives=list(chosen)).eval()
+    part.load_state_dict(full.state_dict())
+    image_tokens = torch.randn(4, 7, 24)
+    torch.manual_seed(0)
+    reference = full.stage1_loss(image_tokens, CAPTIONS[:4])
+    torch.manual_seed(0)
+    losses = part.stage1_loss(image_tokens, CAPTIONS[:4])
+    losses["loss"].backward()
+
+    assert set(losses) == {"loss", *chosen, *(["itm_acc"] if "itm" in chosen else [])}
+    for key in chosen:
+        assert abs(losses[key].item() - reference[key].item()) < 1e-6, key
+    assert abs(losses["loss"].item() - sum(reference[key].item() for key in chosen)) < 1e-5
+    heads = {"itc": ("vision_proj.", "text_proj.", "temp"), "itm": ("itm_head.",), "itg": ("lm_head.",)}
+    for objective, prefixes in heads.items():
+        for name, param in part.named_parameters():
+            if name.startswith(prefixes):
+                assert (param.grad is not None) == (objective in chosen), name
+
+
+@pytest.mark.parametrize("bad", [[], "itc", ["itc", "mlm"]])
+def test_unknown_or_empty_objectives_are_refused(bad) -> None:
+    with pytest.raises(ConfigError, match="objectives: expected a non-empty list drawn from itc, itm, itg"):
+        tiny(objectives=bad)
+
+
+def test_without_itm_the_objectives_survive_saving_and_itm_scores_are_refused(tmp_path: Path) -> None:
+    model = tiny(objectives=["itg", "itc"])
+    assert model.objectives == ("itc", "itg") and not model.has_itm and tiny().has_itm
+    model.save_pretrained(tmp_path)
+    loaded = QFormer.from_pretrained(tmp_path)
+    assert loaded.objectives == ("itc", "itg")
+    with pytest.raises(BlipkitError, match="trained without image-text matching"):
+        loaded.itm_score(torch.randn(2, 7, 24), CAPTIONS[:2])
 
 
 def test_hard_negatives_are_never_positives() -> None:

@@ -143,7 +143,8 @@ def _evaluate_retrieval(
     model: VisionLanguageModel, dataset: Any, indices: list[int], batch_size: int,
     progress: Callable[[int], None] | None, rerank_k: int = 128,
 ) -> EvalResult:
-    """Image<->text recall@1/5/10 over the captions: ITC similarity, then ITM re-ranking of the top k."""
+    """Image<->text recall@1/5/10 over the captions: ITC similarity, then ITM re-ranking of the top k
+    (when the Q-Former was trained with ITM)."""
     import torch
 
     from blipkit.eval.retrieval import rerank_topk, retrieval_recall
@@ -185,8 +186,11 @@ def _evaluate_retrieval(
         def itm_t2i(row: int, candidates: torch.Tensor) -> torch.Tensor:
             return model.itm_score_tokens(stacked[candidates].to(model.device), [texts[row]] * len(candidates)).cpu()
 
-        i2t = rerank_topk(itc, itm_i2t, k=min(rerank_k, itc.shape[1]))
-        t2i = rerank_topk(itc.t().contiguous(), itm_t2i, k=min(rerank_k, itc.shape[0]))
+        if bridge.has_itm:
+            i2t = rerank_topk(itc, itm_i2t, k=min(rerank_k, itc.shape[1]))
+            t2i = rerank_topk(itc.t().contiguous(), itm_t2i, k=min(rerank_k, itc.shape[0]))
+        else:
+            i2t, t2i = itc, itc.t().contiguous()
     result = EvalResult("retrieval")
     result.scores = retrieval_recall(i2t, targets, similarity_t2i=t2i)
     result.predictions = [

@@ -6,6 +6,7 @@ imports of transformers/LAVIS checkpoints in ``weights``. Heavy modules load on 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from blipkit import hookimpl
@@ -32,9 +33,11 @@ def qformer(
     max_position_embeddings: int = 512,
     layer_norm_eps: float = 1e-12,
     vision_norm_eps: float = 1e-5,
+    objectives: Sequence[str] | None = None,
 ) -> QFormer:
     """Build a Q-Former over ``input_dim``-wide encoder tokens; its output width is ``hidden_size``
-    (or the init BERT's), so ``output_dim``, when given, must match it."""
+    (or the init BERT's), so ``output_dim``, when given, must match it. ``objectives`` picks the stage-1
+    losses among itc, itm and itg (default: all three, as BLIP-2)."""
     from .model import QFormer
 
     bridge = QFormer(
@@ -52,6 +55,7 @@ def qformer(
         max_position_embeddings=max_position_embeddings,
         layer_norm_eps=layer_norm_eps,
         vision_norm_eps=vision_norm_eps,
+        objectives=objectives,
     )
     if output_dim is not None and output_dim != bridge.output_dim:
         raise ConfigError(

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blipkit.errors import ConfigError, DataError
+from blipkit.errors import BlipkitError, ConfigError, DataError
 from blipkit.interfaces import Bridge, BridgeOutput
 from blipkit.io import atomic_path, load_safetensors, read_json
 
 from .init import MINILM, bert_state_for, build_tokenizer, init_bert_style, resolve_init
 from .layers import ImageBlock, KeyValue, QFormerLayer, additive_mask, real_rows
+from .objectives import OBJECTIVES
 
 TokenizedText = Mapping[str, torch.Tensor]
 LayerImages = Sequence[Sequence[ImageBlock] | None]
@@ -108,7 +109,9 @@ class QFormer(Bridge):
     BERT directory, or None/"random". With a BERT, layer count and widths come from its config.
     ``tokenizer``: None (the init BERT's, or "minilm" for a random init), "minilm", "char", a directory
     or a hub id; [DEC] is added as bos. ``config`` records the final sizes with ``init=None``, so a
-    saved Q-Former reloads without the BERT.
+    saved Q-Former reloads without the BERT. ``objectives``: the stage-1 losses ``stage1_loss`` trains,
+    any of "itc", "itm", "itg" (None: all three, as BLIP-2); without "itm" the ITM head stays untrained
+    and ``itm_score`` refuses.
     """
 
     supports_stage1 = True
@@ -129,8 +132,16 @@ class QFormer(Bridge):
         max_position_embeddings: int = 512,
         layer_norm_eps: float = 1e-12,
         vision_norm_eps: float = 1e-5,
+        objectives: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        objectives = OBJECTIVES if objectives is None else objectives
+        if isinstance(objectives, str) or not objectives or set(objectives) - set(OBJECTIVES):
+            raise ConfigError(
+                f"objectives: expected a non-empty list drawn from {', '.join(OBJECTIVES)} (e.g. [itc, itg]), "
+                f"got {objectives!r}"
+            )
+        self.objectives = tuple(o for o in OBJECTIVES if o in objectives)
         if cross_attention_freq < 1:
             raise ConfigError(f"cross_attention_freq must be >= 1, got {cross_attention_freq}")
         source = resolve_init(init)
@@ -166,6 +177,7 @@ class QFormer(Bridge):
             "max_position_embeddings": max_position_embeddings,
             "layer_norm_eps": layer_norm_eps,
             "vision_norm_eps": vision_norm_eps,
+            "objectives": list(self.objectives),
         }
 
         self.ln_vision = nn.LayerNorm(input_dim, eps=vision_norm_eps)
@@ -396,10 +408,20 @@ class QFormer(Bridge):
         """ITC similarity [B_img, B_txt]: the best-matching query's cosine, without temperature."""
         return torch.einsum("iqe,te->itq", image_embeds, text_embeds).amax(dim=-1)
 
+    @property
+    def has_itm(self) -> bool:
+        """Whether stage 1 trains the image-text matching head (retrieval re-ranks with it only then)."""
+        return "itm" in self.objectives
+
     def itm_logits(
         self, image_tokens: torch.Tensor, text: Sequence[str] | TokenizedText, image_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Match/no-match logits [B, 2] for row-aligned image-text pairs, averaged over queries."""
+        if not self.has_itm:
+            raise BlipkitError(
+                f"this Q-Former was trained without image-text matching (objectives: {', '.join(self.objectives)}), "
+                "so it has no ITM scores; rank by ITC similarity, or train with itm among bridge.options.objectives"
+            )
         tokens = self.as_tokenized(text)
         with fp32(image_tokens.device):
             _, kv = self.project_image(image_tokens)
@@ -420,8 +442,9 @@ class QFormer(Bridge):
         image_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """BLIP-2 stage 1: {loss = itc + itm + itg, itc, itm, itg, itm_acc}. ``image_ids`` [B] marks
-        captions of the same image as positives for ITC and keeps them out of the ITM negatives."""
+        """BLIP-2 stage 1: {loss = the sum of ``objectives``, each of itc, itm, itg trained, itm_acc with itm}.
+        ``image_ids`` [B] marks captions of the same image as positives for ITC and keeps them out of the ITM
+        negatives."""
         from .objectives import stage1_losses
 
         tokens = self.as_tokenized(text)

@@ -17,6 +17,7 @@ from .layers import ImageBlock, KeyValue, additive_mask, gather_rows
 if TYPE_CHECKING:
     from .model import QFormer, QueryPass
 
+OBJECTIVES = ("itc", "itm", "itg")
 LABEL_SMOOTHING = 0.1
 TEMP_RANGE = (0.001, 0.5)
 
@@ -192,19 +193,31 @@ def stage1_losses(
     image_mask: torch.Tensor | None = None,
     image_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """ITC + ITM + ITG on one batch of encoder tokens and tokenized captions (row-aligned)."""
+    """The sum of ``model.objectives`` (ITC, ITM, ITG) on one batch of encoder tokens and tokenized captions
+    (row-aligned), with each loss alone and ITM's accuracy when ITM is one of them."""
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     if ids.shape[0] != image_tokens.shape[0]:
         raise DataError(f"stage 1 got {image_tokens.shape[0]} images but {ids.shape[0]} captions; pair them one to one")
+    wanted = model.objectives
     image, image_kv = model.project_image(image_tokens)
     image_keep = None if image_mask is None else image_mask.to(torch.bool)
     queries = model.query_pass(image_kv, None if image_keep is None else additive_mask(image_keep)[:, None, None, :])
     texts = embed_texts(model, ids, mask)
 
-    image_feats = F.normalize(model.vision_proj(queries.hidden), dim=-1)
-    text_feat = F.normalize(model.text_proj(model.text_pass(*texts.mine(), cls_only=True)[:, 0]), dim=-1)
-    positives = positive_mask(ids.shape[0], image_ids, ids.device)
-    itc, sim_i2t, sim_t2i = _itc(model, image_feats, text_feat, positives)
-    itm, itm_acc = _itm(model, image, queries, image_keep, texts, sim_i2t.detach(), sim_t2i.detach(), positives)
-    itg = _itg(model, queries, texts)
-    return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg, "itm_acc": itm_acc}
+    losses: dict[str, torch.Tensor] = {}
+    metrics: dict[str, torch.Tensor] = {}
+    if "itc" in wanted or "itm" in wanted:
+        # ITM mines its hard negatives from ITC's similarities, so it needs them even when ITC does not train.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "itc" in wanted):
+            image_feats = F.normalize(model.vision_proj(queries.hidden), dim=-1)
+            text_feat = F.normalize(model.text_proj(model.text_pass(*texts.mine(), cls_only=True)[:, 0]), dim=-1)
+            positives = positive_mask(ids.shape[0], image_ids, ids.device)
+            itc, sim_i2t, sim_t2i = _itc(model, image_feats, text_feat, positives)
+        if "itc" in wanted:
+            losses["itc"] = itc
+        if "itm" in wanted:
+            sims = sim_i2t.detach(), sim_t2i.detach()
+            losses["itm"], metrics["itm_acc"] = _itm(model, image, queries, image_keep, texts, *sims, positives)
+    if "itg" in wanted:
+        losses["itg"] = _itg(model, queries, texts)
+    return {"loss": sum(losses.values()), **losses, **metrics}
