@@ -442,9 +442,9 @@ class QFormer(Bridge):
         image_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """BLIP-2 stage 1: {loss = the sum of ``objectives``, each of itc, itm, itg trained, itm_acc with itm}.
-        ``image_ids`` [B] marks captions of the same image as positives for ITC and keeps them out of the ITM
-        negatives."""
+        """BLIP-2 stage 1: ``loss`` (the sum of the trained ``objectives``), each of them by name, and
+        ``itm_acc`` when ITM trains. ``image_ids`` [B] marks captions of the same image as positives for ITC
+        and keeps them out of the ITM negatives."""
         from .objectives import stage1_losses
 
         tokens = self.as_tokenized(text)
