@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import click
 
 from blipkit import __version__
 from blipkit.errors import BlipkitError, one_line
+
+REPORT_GRACE_S = 3.0
 
 
 class BlipkitGroup(click.Group):
@@ -51,8 +54,27 @@ class BlipkitGroup(click.Group):
         except BlipkitError as err:
             if os.environ.get("BLIPKIT_DEBUG"):
                 raise
-            click.echo(f"Error: {one_line(err)}", err=True)
+            _report(err, ctx)
+
+
+def _report(err: BlipkitError, ctx: click.Context) -> None:
+    """Print ``err`` on one line and exit with its code; in a multi-process run, once for the whole run."""
+    from blipkit.distributed import launched_rank
+
+    rank, world = launched_rank()
+    if world > 1:
+        from blipkit.errors import PeerLostError, ReportedByMainError
+
+        if isinstance(err, ReportedByMainError) or (isinstance(err, PeerLostError) and "TORCHELASTIC_RUN_ID" in os.environ):
+            ctx.exit(err.exit_code)  # the main process, or the launcher, reports it
+        if rank > 0:
+            # When every process makes the same mistake the main process's report is the one shown: the
+            # launcher stops this process while it waits.
+            time.sleep(REPORT_GRACE_S)
+            click.echo(f"Error (process {rank}): {one_line(err)}", err=True)
             ctx.exit(err.exit_code)
+    click.echo(f"Error: {one_line(err)}", err=True)
+    ctx.exit(err.exit_code)
 
 
 @click.group(cls=BlipkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -193,6 +215,11 @@ def _split_recipe_args(args: tuple[str, ...]) -> tuple[str, list[str]]:
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
 @click.option("--stop-after", type=click.IntRange(min=1), help="Stop after this many optimizer steps (resume later).")
+@click.option("--processes", "-n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train on N processes (one per GPU; on CPU they share the cores) under accelerate launch.")
+@click.option("--launcher-args", default="", metavar="'ARGS'",
+              help="accelerate launch's own options, quoted, e.g. '--config_file fsdp.yaml' or "
+                   "'--num_machines 2 --machine_rank 0 --main_process_ip HOST'.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def train(
     args: tuple[str, ...],
@@ -204,6 +231,8 @@ def train(
     resume_dir: str | None,
     overwrite: bool,
     stop_after: int | None,
+    processes: int,
+    launcher_args: str,
     quiet: bool,
 ) -> None:
     """Train a bridge between a frozen encoder and a frozen LLM: stage 1, then stage 2.
@@ -217,9 +246,14 @@ def train(
       blipkit train blip2 stage1.steps=1000 data.batch_size=32
       blipkit train blip2 ~stage1                     stage 2 only
       blipkit train --resume runs/default             continue an interrupted run
+      blipkit train blip2 --processes 8               8 GPUs (DDP); data.batch_size is the global batch
+    `accelerate launch --multi_gpu --num_processes N -m blipkit train ...` and `torchrun
+    --nproc_per_node N -m blipkit train ...` work too (docs/scaling.md).
     """
     from blipkit.config import load_recipe, recipe_from_dict, validate_recipe
+    from blipkit.distributed import launched_rank
     from blipkit.io import read_json
+    from blipkit.train.runner import run_dir_for
     from blipkit.train.runner import train as run_training
 
     sugar = [f"{key}={value}" for key, value in
@@ -234,8 +268,25 @@ def train(
         name, overrides = _split_recipe_args(args)
         recipe = load_recipe(name, [*sugar, *overrides])
     validate_recipe(recipe)
+    if processes > 1:
+        if launched_rank()[1] > 1:
+            raise click.UsageError("this process was started by a launcher already; drop --processes")
+        from blipkit.train.launch import launch_training
+
+        argv = [*args, *(f"--{k}={v}" for k, v in (("encoder", encoder), ("llm", llm), ("bridge", bridge), ("data", data)) if v)]
+        argv += [f"--output={output}"] if output and not resume_dir else []
+        argv += [f"--resume={resume_dir}"] if resume_dir else []
+        argv += ["--overwrite"] * overwrite + [f"--stop-after={stop_after}"] * bool(stop_after) + ["--quiet"] * quiet
+        run_dir = run_dir_for(recipe, output)
+        launch_training(processes, argv, launcher_args, f"Continue with: blipkit train --resume {run_dir} --processes {processes}")
+        return
     result = run_training(recipe, output=output, resume=bool(resume_dir), overwrite=overwrite,
                           stop_after=stop_after, quiet=quiet)
+    if result.is_main:
+        _print_training(result)
+
+
+def _print_training(result: Any) -> None:
     for stage, metrics in result.final.items():
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("lr", "samples_per_s"))
         click.echo(f"{stage}: {summary}")
@@ -250,11 +301,13 @@ def train(
         click.echo(f"feature cache: {result.feature_cache} ({cache_size(result.feature_cache) / 2**20:.1f} MiB)")
     if result.skipped:
         click.echo("skipped samples: " + ", ".join(f"{n} {reason}" for reason, n in result.skipped.items()))
+    where = f" on {result.processes} processes" if result.processes > 1 else ""
     if result.completed:
-        click.echo(f"Model saved in {result.run_dir} (metrics.jsonl, curves.png). Caption an image with:")
+        click.echo(f"Model saved in {result.run_dir}{where} (metrics.jsonl, curves.png). Caption an image with:")
         click.echo(f"  blipkit caption IMAGE --model {result.run_dir}")
     else:
-        click.echo(f"Stopped early; continue with: blipkit train --resume {result.run_dir}")
+        more = f" --processes {result.processes}" if result.processes > 1 else ""
+        click.echo(f"Stopped early; continue with: blipkit train --resume {result.run_dir}{more}")
 
 
 @cli.command()

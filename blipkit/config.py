@@ -21,6 +21,7 @@ __all__ = [
     "ComponentConfig",
     "DataConfig",
     "DatasetConfig",
+    "DistributedConfig",
     "GenerationConfig",
     "Recipe",
     "StageConfig",
@@ -63,6 +64,9 @@ class DatasetConfig:
 class DataConfig:
     """Where samples come from and how they are batched and prompted.
 
+    ``batch_size`` is the global batch of one forward pass, summed over every process of the run; each
+    process takes its share of it, so the samples, their order and the schedule do not depend on the
+    number of processes (an optimizer step sees ``batch_size x grad_accum`` samples).
     ``feature_cache``: encode every image once with the frozen encoder and train from the stored tokens.
     """
 
@@ -107,6 +111,19 @@ class StageConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How several processes share a run (one process ignores it).
+
+    ``strategy``: ``ddp`` replicates the model on every process; ``fsdp`` shards it (FSDP2 through
+    accelerate, GPUs only). ``timeout_s``: how long a process waits for the others at a collective (the
+    main process writing a checkpoint or scoring the validation split) before the run ends with an error.
+    """
+
+    strategy: str = "ddp"
+    timeout_s: int = 1800
+
+
+@dataclass
 class GenerationConfig:
     """Caption generation defaults (BLIP-2's)."""
 
@@ -133,6 +150,7 @@ class Recipe:
     stage1: StageConfig | None = None
     stage2: StageConfig | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     precision: str = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0
@@ -149,11 +167,13 @@ _NESTED: dict[str, type] = {
     "stage1": StageConfig,
     "stage2": StageConfig,
     "generation": GenerationConfig,
+    "distributed": DistributedConfig,
     "train": DatasetConfig,
     "validation": DatasetConfig,
 }
 _FREE_FORM = {"options", "lora", "task_weights", "lr_scale"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
 LR_SCALE_PARTS = ("bridge", "projection", "llm")
 PROJECTION_INITS = ("lexical",)
 
@@ -229,6 +249,14 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     recipe = _build(Recipe, data, "")
     if recipe.precision not in PRECISIONS:
         raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {recipe.precision!r}")
+    if recipe.distributed.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"distributed.strategy: expected one of {', '.join(STRATEGIES)}, got {recipe.distributed.strategy!r}"
+        )
+    if recipe.distributed.timeout_s < 1:
+        raise ConfigError(f"distributed.timeout_s: must be at least 1 second, got {recipe.distributed.timeout_s}")
+    if recipe.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size: must be at least 1, got {recipe.data.batch_size}")
     for stage_name in ("stage1", "stage2"):
         stage = getattr(recipe, stage_name)
         if stage is None:

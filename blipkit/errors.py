@@ -48,6 +48,19 @@ class DataError(BlipkitError):
     """A dataset or image that cannot be read."""
 
 
+class PeerLostError(BlipkitError):
+    """Another process of a multi-process run stopped (crashed, killed, out of memory); this one stops too."""
+
+
+class ReportedByMainError(BlipkitError):
+    """A mistake the main process of a multi-process run found and reports; the others end quietly with
+    its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def one_line(text: str) -> str:
     """Collapse whitespace so that a message fits on one line."""
     return " ".join(str(text).split())

@@ -133,6 +133,10 @@ class LMBatch:
     labels: torch.Tensor
     decoder_attention_mask: torch.Tensor | None = None
 
+    def num_targets(self) -> int:
+        """How many label tokens the mean loss averages over (every label that is not -100)."""
+        return int((self.labels != -100).sum())
+
     def to(self, device: torch.device | str) -> LMBatch:
         """Move every tensor to ``device``."""
         return LMBatch(

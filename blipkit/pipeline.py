@@ -62,8 +62,9 @@ class VisionLanguageModel(nn.Module):
         """Frozen encoder tokens [B, N, D] for preprocessed pixels [B, 3, S, S]."""
         if self.encoder is None:
             raise BlipkitError("this model has no image encoder; pass precomputed image tokens instead")
+        dtype = next(self.encoder.parameters(), pixel_values).dtype
         with torch.no_grad():
-            return self.encoder(pixel_values.to(self.device))
+            return self.encoder(pixel_values.to(self.device, dtype if dtype.is_floating_point else pixel_values.dtype))
 
     def batch_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
         """A batch's image tokens [B, N, D] in float32: the cached ones, else the encoder's."""
@@ -299,19 +300,28 @@ def _make_bridge(config: ComponentConfig, slot: str, **dims: int) -> Bridge:
     return regs.bridges.create(config.name, **dims, **config.options)
 
 
-def build_model(recipe: Recipe, with_llm: bool = True) -> VisionLanguageModel:
-    """Materialise the recipe's parts; without ``with_llm`` (stage 1) no LLM or projection is loaded."""
+def build_model(recipe: Recipe, with_llm: bool = True, frozen_dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """Materialise the recipe's parts; without ``with_llm`` (stage 1) no LLM or projection is loaded.
+
+    ``frozen_dtype``: what to store the frozen encoder and LLM in (training on GPU keeps them in half
+    precision), None to keep them as their plugins load them; the bridge and projection stay in float32.
+    """
     encoder = _registries().encoders.create(recipe.encoder.name, **recipe.encoder.options)
+    if frozen_dtype is not None:
+        encoder.to(frozen_dtype)
     bridge = _apply_bridge_tuning(_make_bridge(recipe.bridge, "bridge", input_dim=encoder.feature_dim), recipe.bridge)
     model = VisionLanguageModel(encoder, bridge, recipe=recipe)
     if with_llm:
-        add_language_model(model, recipe)
+        add_language_model(model, recipe, frozen_dtype)
     return model
 
 
-def add_language_model(model: VisionLanguageModel, recipe: Recipe) -> VisionLanguageModel:
-    """Load the recipe's frozen LLM into ``model`` and give it a projection sized for bridge and LLM."""
+def add_language_model(model: VisionLanguageModel, recipe: Recipe, frozen_dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """Load the recipe's frozen LLM (in ``frozen_dtype`` if given; LoRA adapters stay float32) into ``model``
+    and give it a projection sized for bridge and LLM."""
     llm = _registries().llms.create(recipe.llm.name, **recipe.llm.options).requires_grad_(False)
+    if frozen_dtype is not None:
+        llm.to(frozen_dtype)
     if recipe.llm.lora is not None:
         from blipkit.train.lora import LoraSettings, apply_llm_lora
 

@@ -216,7 +216,7 @@ def test_task_weights_balance_the_mixture() -> None:
     from collections import Counter
     from types import SimpleNamespace
 
-    from blipkit.train.runner import stage_indices
+    from blipkit.train.sampling import stage_indices
 
     records = [SimpleNamespace(task="caption")] * 10 + [SimpleNamespace(task="vqa")] * 40
     dataset = SimpleNamespace(records=records, name="d", tasks={"caption", "vqa"})

@@ -1,48 +1,50 @@
 """The recipe runner: stage 1 (Q-Former objectives, no LLM) then stage 2 (LM loss through the frozen LLM).
 
 Written on accelerate's Accelerator (prepare, accumulate, backward, clip), so one CPU process and many
-GPU processes run the same loop. Checkpoints are whole directories written under a temporary name and
-renamed, then ``blipkit.json`` is atomically pointed at them: a crash never leaves a half-written
-checkpoint as the current one.
+GPU processes run the same loop. Every process of a run executes this code; the main process alone
+creates and writes the run directory, draws progress and prints, while the others wait for it. Each
+process's loss is weighted by its share of the global batch's items (rows in stage 1, target tokens in
+stage 2), so N processes, or N micro-batches of gradient accumulation, compute the gradient that one
+process computes over the whole batch.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import shutil
 import time
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from blipkit.config import Recipe, StageConfig
 from blipkit.data.collate import Collator
 from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
-from blipkit.errors import BlipkitError, ConfigError, DataError
-from blipkit.io import atomic_write_text, cache_dir, read_json
-from blipkit.pipeline import (
-    META_FILE,
-    VisionLanguageModel,
-    add_language_model,
-    build_model,
-    load_weights,
-    save_weights,
-    write_meta,
-)
+from blipkit.distributed import Ranks
+from blipkit.errors import ConfigError, PeerLostError, one_line
+from blipkit.io import atomic_write_text, cache_dir
+from blipkit.pipeline import VisionLanguageModel, add_language_model, build_model, load_weights
+from blipkit.train.checkpoint import Checkpointer, ResumePoint, append_metrics, open_run_dir
 from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
 from blipkit.train.lexical import LexicalFit, lexical_init
 from blipkit.train.lora import has_lora
 from blipkit.train.memory import reuse_freed_memory
 from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
-from blipkit.train.state import load_trainer_state, restore_rng, save_trainer_state
+from blipkit.train.processes import (
+    frozen_dtype,
+    main_first,
+    make_accelerator,
+    peer_lost,
+    ranks_of,
+    shard_like,
+)
+from blipkit.train.sampling import BatchIndexSampler, stage_indices
+from blipkit.train.state import load_trainer_state, restore_rng, rng_state
 
-__all__ = ["TrainResult", "open_dataset", "run_dir_for", "train"]
+__all__ = ["TrainResult", "cached_features", "open_dataset", "run_dir_for", "train"]
 
 logger = logging.getLogger(__name__)
 STAGES = ("stage1", "stage2")
@@ -50,7 +52,7 @@ STAGES = ("stage1", "stage2")
 
 @dataclass
 class TrainResult:
-    """Where the run went and how it ended."""
+    """Where the run went and how it ended; ``is_main`` tells the process that reports it."""
 
     run_dir: Path
     final: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -59,38 +61,8 @@ class TrainResult:
     feature_cache: Path | None = None
     validation: dict[str, dict[str, Any]] = field(default_factory=dict)
     projection_fit: LexicalFit | None = None
-
-
-class BatchIndexSampler(Sampler[list[int]]):
-    """Endless batches of dataset indices in a seeded order per epoch, starting at batch ``start``.
-
-    The order depends only on (seed, epoch), so a resumed run sees exactly the batches the
-    uninterrupted one would. Each process takes its own slice of every global batch.
-    """
-
-    def __init__(self, indices: list[int], batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
-        if len(indices) < batch_size * world:
-            raise DataError(
-                f"only {len(indices)} usable samples for a global batch of {batch_size * world}; "
-                "lower data.batch_size or add data"
-            )
-        self.indices = indices
-        self.batch_size = batch_size
-        self.seed = seed
-        self.start = start
-        self.rank = rank
-        self.world = world
-        self.per_epoch = len(indices) // (batch_size * world)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch, offset = divmod(self.start, self.per_epoch)
-        for current in itertools.count(epoch):
-            order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed * 100003 + current))
-            global_size = self.batch_size * self.world
-            for batch in range(offset if current == epoch else 0, self.per_epoch):
-                chunk = order[batch * global_size : (batch + 1) * global_size]
-                mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-                yield [self.indices[i] for i in mine.tolist()]
+    is_main: bool = True
+    processes: int = 1
 
 
 def run_dir_for(recipe: Recipe, output: str | Path | None) -> Path:
@@ -105,88 +77,6 @@ def open_dataset(name: str, split: str, options: dict[str, Any]) -> Any:
     return registries().datasets.create(name, split=split, **options)
 
 
-def _precision(recipe: Recipe) -> str:
-    if recipe.precision == "fp32" or not torch.cuda.is_available():
-        return "no"
-    if recipe.precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return recipe.precision
-
-
-def stage_indices(dataset: Any, tasks: list[str], weights: dict[str, float] | None = None) -> list[int]:
-    """Dataset indices a stage samples from; with ``weights``, rarer tasks' indices repeat to give each task
-    (approximately) its weight's share."""
-    by_task = {task: [i for i, record in enumerate(dataset.records) if record.task == task] for task in tasks}
-    present = {task: found for task, found in by_task.items() if found}
-    if not present:
-        raise DataError(f"dataset '{dataset.name}' has no samples for tasks {tasks}; it has {sorted(dataset.tasks)}")
-    if not weights:
-        return sorted(i for found in present.values() for i in found)
-    total = sum(weights.get(task, 0.0) for task in present)
-    if total <= 0:
-        raise DataError(f"task_weights {weights} give no weight to the tasks present: {sorted(present)}")
-    # Size of the mixture: the smallest that keeps every sample of every weighted task at least once.
-    size = max(len(found) / (weights.get(task, 0.0) / total) for task, found in present.items() if weights.get(task, 0.0) > 0)
-    indices: list[int] = []
-    for task, found in present.items():
-        share = round(size * weights.get(task, 0.0) / total)
-        indices += [found[k % len(found)] for k in range(share)]
-    return indices
-
-
-class _Checkpointer:
-    """Writes step directories under run/checkpoints and points blipkit.json at the newest."""
-
-    def __init__(self, run_dir: Path, recipe: Recipe, keep: int) -> None:
-        self.run_dir = run_dir
-        self.recipe = recipe
-        self.keep = max(1, keep)
-
-    def save(self, model: VisionLanguageModel, optimizer: Any, scheduler: Any, progress: dict[str, Any]) -> str:
-        name = f"{progress['stage']}-step-{progress['step']:07d}"
-        final = self.run_dir / "checkpoints" / name
-        staging = self.run_dir / "checkpoints" / f".{name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_weights(model, staging)
-        save_trainer_state(staging / "trainer_state", optimizer, scheduler, progress)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        relative = f"checkpoints/{name}"
-        write_meta(self.run_dir, self.recipe, checkpoint=relative, progress=progress)
-        self._prune(keep_name=name)
-        return relative
-
-    def _prune(self, keep_name: str) -> None:
-        folder = self.run_dir / "checkpoints"
-        done = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
-        for old in done[: -self.keep]:
-            if old.name != keep_name:
-                shutil.rmtree(old, ignore_errors=True)
-
-
-def _resume_point(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
-    meta_file = run_dir / META_FILE
-    if not meta_file.exists():
-        raise BlipkitError(f"cannot resume: {run_dir} holds no run ({META_FILE} missing); start one with: blipkit train")
-    meta = read_json(meta_file)
-    progress = meta.get("progress")
-    if progress is None:
-        return None
-    return progress, run_dir / meta["checkpoint"]
-
-
-def _trim_metrics(path: Path, progress: dict[str, Any]) -> None:
-    """Drop metric lines logged after the checkpoint a run resumes from."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row["stage"] in progress["completed"] or (row["stage"] == progress["stage"] and row["step"] <= progress["step"]):
-            kept.append(line)
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
 def train(
     recipe: Recipe,
     output: str | Path | None = None,
@@ -195,154 +85,264 @@ def train(
     stop_after: int | None = None,
     quiet: bool = False,
 ) -> TrainResult:
-    """Run the recipe's stages and write the run directory; ``stop_after`` optimizer steps ends early."""
+    """Run the recipe's stages and write the run directory; ``stop_after`` optimizer steps ends early.
+
+    Under a launcher (``blipkit train --processes N``, ``accelerate launch``, ``torchrun``) every process
+    calls this and each returns a TrainResult; the one with ``is_main`` reports.
+    """
     with reuse_freed_memory(enabled=not torch.cuda.is_available()):
-        return _train(recipe, output, resume, overwrite, stop_after, quiet)
+        accelerator = make_accelerator(recipe)
+        ranks = ranks_of(accelerator)
+        run_dir = run_dir_for(recipe, output)
+        try:
+            return _Trainer(accelerator, ranks, recipe, run_dir, quiet or not ranks.is_main).run(resume, overwrite, stop_after)
+        except Exception as err:
+            if peer_lost(err, ranks):
+                raise PeerLostError(
+                    f"another process of this run stopped ({one_line(err)[:160]}); every process ends here. "
+                    f"Continue with: blipkit train --resume {run_dir} --processes {ranks.world}"
+                ) from None
+            raise
 
 
-def _train(
-    recipe: Recipe, output: str | Path | None, resume: bool, overwrite: bool, stop_after: int | None, quiet: bool
-) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+class _Trainer:
+    """One run of a recipe on this process."""
 
-    run_dir = run_dir_for(recipe, output)
-    resume_from = None
-    if resume:
-        resume_from = _resume_point(run_dir)
-    elif (run_dir / META_FILE).exists():
-        if not overwrite:
-            raise BlipkitError(
-                f"{run_dir} already holds a run: continue it with --resume, replace it with --overwrite, "
-                "or choose another --output"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_from is None:
-        write_meta(run_dir, recipe, checkpoint=".")
+    def __init__(self, accelerator: Any, ranks: Ranks, recipe: Recipe, run_dir: Path, quiet: bool) -> None:
+        self.accelerator = accelerator
+        self.ranks = ranks
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.quiet = quiet
+        self.checkpointer = Checkpointer(run_dir, recipe, recipe.keep_checkpoints, ranks)
+        self.result = TrainResult(run_dir, is_main=ranks.is_main, processes=ranks.world)
 
-    accelerator = Accelerator(
-        mixed_precision=_precision(recipe),
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    set_seed(recipe.seed)
-    quiet = quiet or not accelerator.is_main_process
-    dataset = open_dataset(recipe.data.train.name, recipe.data.train.split, recipe.data.train.options)
-    checkpointer = _Checkpointer(run_dir, recipe, recipe.keep_checkpoints)
-    completed: list[str] = []
-    result = TrainResult(run_dir)
-    budget = stop_after
+    def run(self, resume: bool, overwrite: bool, stop_after: int | None) -> TrainResult:
+        from accelerate.utils import set_seed
 
-    if resume_from is not None:
-        progress, checkpoint = resume_from
-        completed = list(progress["completed"])
-        _trim_metrics(run_dir / "metrics.jsonl", progress)
+        recipe, ranks = self.recipe, self.ranks
+        resume_from: ResumePoint | None = main_first(ranks, lambda: open_run_dir(self.run_dir, recipe, resume, overwrite))
+        set_seed(recipe.seed)
+        completed = list(resume_from[0]["completed"]) if resume_from else []
+        dataset = open_dataset(recipe.data.train.name, recipe.data.train.split, recipe.data.train.options)
+        model = build_model(recipe, with_llm=False, frozen_dtype=frozen_dtype(recipe))
+        model.to(self.accelerator.device)
+        training_data: Any = dataset
+        if recipe.data.feature_cache:
+            training_data = cached_features(model, dataset, quiet=self.quiet, ranks=ranks)
+            self.result.feature_cache = training_data.cache.path
+        validation_data = self._validation_data(model)
+        budget = stop_after
+        for number, stage_name in enumerate(STAGES):
+            stage = getattr(recipe, stage_name)
+            if stage is None or stage_name in completed:
+                continue
+            if stage_name == "stage1" and not model.bridge.supports_stage1:
+                logger.info("bridge '%s' has no stage-1 objective: skipping stage 1", recipe.bridge.name)
+                continue
+            steps_done, start = self._stage(model, training_data, stage_name, number, resume_from, completed, budget)
+            if budget is not None:
+                budget -= steps_done - start
+            if steps_done < stage.steps:
+                self.result.completed = False
+                break
+            completed.append(stage_name)
+            resume_from = None
+            if validation_data is not None:
+                self._validate(model, validation_data, stage_name)
+        self._finish(training_data)
+        return self.result
 
-    model = build_model(recipe, with_llm=False)
-    model.to(accelerator.device)
-    training_data: Any = dataset
-    if recipe.data.feature_cache:
-        training_data = cached_features(model, dataset, quiet=quiet)
-        result.feature_cache = training_data.cache.path
-    for stage_name in STAGES:
-        stage = getattr(recipe, stage_name)
-        if stage is None or stage_name in completed:
-            continue
-        if stage_name == "stage1" and not model.bridge.supports_stage1:
-            logger.info("bridge '%s' has no stage-1 objective: skipping stage 1", recipe.bridge.name)
-            continue
+    def _stage(self, model: VisionLanguageModel, data: Any, stage_name: str, number: int,
+               resume_from: ResumePoint | None, completed: list[str], budget: int | None) -> tuple[int, int]:
+        """Build, restore and train one stage; returns (steps done, step it started from)."""
+        stage = getattr(self.recipe, stage_name)
+        _follow_main_rng(self.ranks)
         if stage_name == "stage2":
-            add_language_model(model, recipe)
-        start_step = 0
-        state = None
+            add_language_model(model, self.recipe, frozen_dtype=frozen_dtype(self.recipe))
+        start_step, state = 0, None
         if resume_from is not None:
             progress, checkpoint = resume_from
             load_weights(model, checkpoint)
             if progress["stage"] == stage_name:
-                state = load_trainer_state(checkpoint / "trainer_state")
+                state = load_trainer_state(checkpoint / "trainer_state", rank=self.ranks.rank)
                 start_step = progress["step"]
         if stage_name == "stage2" and stage.projection_init == "lexical" and state is None:
-            result.projection_fit = lexical_init(model, training_data, recipe, quiet=quiet)
-        steps_done, final = _run_stage(
-            accelerator, model, training_data, recipe, stage_name, stage, start_step, state, checkpointer, completed, budget, quiet
+            self.result.projection_fit = lexical_init(model, data, self.recipe, quiet=self.quiet)
+        if state is None and self.ranks.rank > 0:
+            _decorrelate(self.recipe.seed, self.ranks.rank, number)
+        loop = _StageLoop(self, model, data, stage_name, stage)
+        steps_done, final = loop.run(start_step, state, completed, budget)
+        self.result.final[stage_name] = final
+        self.accelerator.free_memory()
+        return steps_done, start_step
+
+    def _validation_data(self, model: VisionLanguageModel) -> Any:
+        split = self.recipe.data.validation
+        if split is None:
+            return None
+        dataset = open_dataset(split.name, split.split, split.options)
+        if self.recipe.data.feature_cache:
+            dataset = cached_features(model, dataset, quiet=self.quiet, ranks=self.ranks)
+        return dataset
+
+    def _validate(self, model: VisionLanguageModel, dataset: Any, stage_name: str) -> None:
+        """Score the validation split on the main process while the others wait."""
+        if self.ranks.is_main:
+            self.result.validation[stage_name] = validate(model, dataset, self.recipe, stage_name, self.run_dir)
+        self.ranks.barrier()
+
+    def _finish(self, training_data: Any) -> None:
+        skipped: Counter[str] = Counter()
+        for counts in self.ranks.gather_objects(dict(training_data.skipped)):
+            skipped.update(counts)
+        self.result.skipped = dict(skipped)
+        if self.result.completed and self.ranks.is_main:
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+            _remember_last_run(self.run_dir)
+
+
+def _follow_main_rng(ranks: Ranks) -> None:
+    """Give every process the main process's random state, so that the parts built next (random
+    initialisations) are the same everywhere, and the main process draws as it would alone."""
+    if ranks.active:
+        restore_rng(*ranks.broadcast_object(rng_state()))
+
+
+def _decorrelate(seed: int, rank: int, stage_number: int) -> None:
+    """Seed process ``rank`` (> 0) apart from the others for a stage's training (dropout, ITM negatives)."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed + 1_000_003 * rank + 7919 * stage_number)
+
+
+class _StageLoop:
+    """The optimizer-step loop of one stage on this process."""
+
+    def __init__(self, trainer: _Trainer, model: VisionLanguageModel, data: Any, stage_name: str, stage: StageConfig) -> None:
+        self.trainer = trainer
+        self.accelerator = trainer.accelerator
+        self.ranks = trainer.ranks
+        self.recipe = trainer.recipe
+        self.model = model
+        self.data = data
+        self.stage_name = stage_name
+        self.stage = stage
+
+    def run(self, start_step: int, state: dict[str, Any] | None, completed: list[str], budget: int | None) -> tuple[int, dict[str, float]]:
+        """Train from ``start_step`` to the stage's end (or ``budget`` steps); returns (steps done, last metrics)."""
+        stage, accelerator = self.stage, self.accelerator
+        accelerator.gradient_accumulation_steps = stage.grad_accum
+        accelerator.step = 0
+        trainable = _trainable_parts(self.model, self.recipe, self.stage_name)
+        optimizer = build_optimizer(trainable, stage)
+        scheduler = build_scheduler(optimizer, stage)
+        wrapped, optimizer = accelerator.prepare(self.model, optimizer)
+        consumed = start_step * stage.grad_accum
+        if state is not None:
+            _restore_optimizer(optimizer, state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"] is not None and accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(state["scaler"])
+            consumed = state["progress"].get("consumed", consumed)
+        loader = self._loader(consumed)
+        if state is not None:
+            # After the loader: starting its iterator draws from the global generator.
+            if state["rng"] is not None:
+                restore_rng(*state["rng"])
+            else:
+                _decorrelate(self.recipe.seed + start_step, self.ranks.rank, STAGES.index(self.stage_name))
+        end = stage.steps if budget is None else min(stage.steps, start_step + max(0, budget))
+        params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
+        final: dict[str, float] = {}
+        wrapped.train()
+        with StageProgress(self.stage_name, stage.steps, start_step, quiet=self.trainer.quiet) as bar:
+            for step in range(start_step, end):
+                final, drawn = self._step(wrapped, optimizer, loader, params, step)
+                consumed += drawn
+                scheduler.step()
+                self._log(step + 1, final)
+                bar.update(step + 1, final)
+                done = step + 1
+                if (self.recipe.checkpoint_every and done % self.recipe.checkpoint_every == 0) or done == end:
+                    progress = {"stage": self.stage_name, "step": done, "completed": list(completed), "consumed": consumed}
+                    self.trainer.checkpointer.save(self.model, optimizer, scheduler, progress, accelerator.scaler)
+        return max(start_step, end), final
+
+    def _loader(self, consumed: int) -> Any:
+        model, recipe, stage = self.model, self.recipe, self.stage
+        llm = model.llm
+        collator = Collator(
+            self.stage_name,
+            model.encoder.preprocess,
+            bridge_tokenize=getattr(model.bridge, "tokenize", None),
+            llm_tokenize=llm.tokenize if llm is not None else None,
+            caption_prompt=recipe.data.caption_prompt,
+            vqa_prompt=model.vqa_prompt,
+            max_text_length=recipe.data.max_text_length,
+            prefix_lm=bool(llm is not None and llm.is_encoder_decoder),
         )
-        result.final[stage_name] = final
-        if budget is not None:
-            budget -= steps_done - start_step
-        if steps_done < stage.steps:
-            result.completed = False
-            break
-        completed.append(stage_name)
-        resume_from = None
-        if recipe.data.validation is not None and accelerator.is_main_process:
-            result.validation[stage_name] = validate(model, recipe, stage_name, run_dir, quiet)
+        sampler = BatchIndexSampler(
+            stage_indices(self.data, stage.tasks, stage.task_weights),
+            stage.batch_size or recipe.data.batch_size,
+            seed=recipe.seed + STAGES.index(self.stage_name),
+            start=consumed,
+            rank=self.ranks.rank,
+            world=self.ranks.world,
+        )
+        return iter(DataLoader(self.data, batch_sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers))
 
-    if result.completed:
-        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-        _remember_last_run(run_dir)
-    result.skipped = dict(training_data.skipped)
-    return result
+    def _draw(self, loader: Any) -> tuple[dict[str, Any], int]:
+        """The next micro-batch every process can use, and how many were drawn to find it: one that came
+        out empty on any process (every image unreadable) is passed over by all of them together."""
+        drawn = 0
+        while True:
+            batch = next(loader)
+            drawn += 1
+            if self.ranks.reduce([batch.get("size", 0)], "min")[0] > 0:
+                return batch, drawn
+
+    def _step(self, wrapped: Any, optimizer: Any, loader: Any, params: list[torch.nn.Parameter], step: int) -> tuple[dict[str, float], int]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics and the batches drawn."""
+        stage, accelerator = self.stage, self.accelerator
+        started = time.perf_counter()
+        micro, drawn = [], 0
+        for _ in range(stage.grad_accum):
+            batch, count = self._draw(loader)
+            micro.append(batch)
+            drawn += count
+        weights = [self._items(batch) for batch in micro]
+        total = self.ranks.reduce([sum(weights)])[0]
+        sums: dict[str, float] = {}
+        for batch, weight in zip(micro, weights, strict=True):
+            share = weight / total
+            with accelerator.accumulate(wrapped):
+                losses = wrapped(batch, self.stage_name)
+                # accelerate divides by grad_accum and DDP averages over processes: undo both, weigh by share.
+                scale = share * self.ranks.world * stage.grad_accum
+                accelerator.backward(losses["loss"] if scale == 1.0 else losses["loss"] * scale)
+                if accelerator.sync_gradients and stage.grad_clip > 0:
+                    accelerator.clip_grad_norm_(params, stage.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * share
+        keys = list(sums)
+        values = self.ranks.reduce([*(sums[k] for k in keys), sum(b["size"] for b in micro)])
+        elapsed = time.perf_counter() - started
+        return {**dict(zip(keys, values[:-1], strict=True)), "lr": lr_at(step, stage), "samples_per_s": values[-1] / elapsed}, drawn
+
+    def _items(self, batch: dict[str, Any]) -> int:
+        """How many items a micro-batch's mean loss averages over: target tokens for the LM loss, rows otherwise."""
+        return batch["lm"].num_targets() if self.stage_name == "stage2" else batch["size"]
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.ranks.is_main and (step % self.recipe.log_every == 0 or step == self.stage.steps):
+            append_metrics(self.trainer.run_dir, {"stage": self.stage_name, "step": step, **{k: round(v, 6) for k, v in metrics.items()}})
 
 
-def validate(model: VisionLanguageModel, recipe: Recipe, stage_name: str, run_dir: Path, quiet: bool) -> dict[str, Any]:
-    """Score the model on the validation split after a stage: retrieval after stage 1, captions and VQA
-    after stage 2 (greedy decoding); predictions go to run/eval-validation/<stage>/, scores to metrics.jsonl."""
-    from blipkit.eval.evaluate import evaluate, write_results
-
-    split = recipe.data.validation
-    dataset = open_dataset(split.name, split.split, split.options)
-    if recipe.data.feature_cache:
-        dataset = cached_features(model, dataset, quiet=quiet)
-    tasks = ["retrieval"] if stage_name == "stage1" else [t for t in ("caption", "vqa") if t in dataset.tasks]
-    scores: dict[str, Any] = {}
-    model.eval()
-    for task in tasks:
-        outcome = evaluate(model, dataset, task, generation={"num_beams": 1})
-        write_results(outcome, run_dir / "eval-validation" / stage_name)
-        scores.update({f"{task}/{k}": v for k, v in outcome.scores.items() if isinstance(v, (int, float))})
-    row = {"stage": stage_name, "step": getattr(recipe, stage_name).steps, "split": split.split, **scores}
-    with (run_dir / "metrics.jsonl").open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
-    return scores
-
-
-def cached_features(model: VisionLanguageModel, dataset: Any, quiet: bool = False, batch_size: int = 32) -> CachedFeatureDataset:
-    """Encode every image of ``dataset`` not yet in the feature cache, and view the dataset through it."""
-    encoder = model.encoder
-    cache = FeatureCache(encoder.cache_key)
-
-    def encode(images: list[Any]) -> torch.Tensor:
-        return model.image_tokens(torch.stack([encoder.preprocess(image) for image in images]))
-
-    with CountProgress("encoding images", len(dataset.records), quiet=quiet) as bar:
-        keys = cache.fill(dataset.records, encode, batch_size=batch_size, progress=bar.advance)
-    return CachedFeatureDataset(dataset, cache, keys)
-
-
-def _remember_last_run(run_dir: Path) -> None:
-    try:
-        atomic_write_text(cache_dir() / "last-run", str(run_dir.resolve()))
-    except OSError as err:
-        logger.warning("could not record the last run in %s: %s", cache_dir(), err)
-
-
-def _run_stage(
-    accelerator: Any,
-    model: VisionLanguageModel,
-    dataset: Any,
-    recipe: Recipe,
-    stage_name: str,
-    stage: StageConfig,
-    start_step: int,
-    state: dict[str, Any] | None,
-    checkpointer: _Checkpointer,
-    completed: list[str],
-    budget: int | None,
-    quiet: bool,
-) -> tuple[int, dict[str, float]]:
-    accelerator.gradient_accumulation_steps = stage.grad_accum
-    accelerator.step = 0
+def _trainable_parts(model: VisionLanguageModel, recipe: Recipe, stage_name: str) -> dict[str, torch.nn.Module]:
+    """The parts a stage trains (bridge, projection, LoRA-carrying LLM), made trainable."""
     trainable = {part: m for part, m in (("bridge", model.bridge), ("projection", model.projection)) if m is not None}
     for module in trainable.values():
         if not has_lora(module):
@@ -358,76 +358,56 @@ def _run_stage(
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         elif stage_name == "stage2":
             raise ConfigError("gradient_checkpointing: this language model does not support it; remove the key")
-    optimizer = build_optimizer(trainable, stage)
-    scheduler = build_scheduler(optimizer, stage)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    return trainable
 
-    batch_size = stage.batch_size or recipe.data.batch_size
-    llm = model.llm
-    collator = Collator(
-        stage_name,
-        model.encoder.preprocess,
-        bridge_tokenize=getattr(model.bridge, "tokenize", None),
-        llm_tokenize=llm.tokenize if llm is not None else None,
-        caption_prompt=recipe.data.caption_prompt,
-        vqa_prompt=model.vqa_prompt,
-        max_text_length=recipe.data.max_text_length,
-        prefix_lm=bool(llm is not None and llm.is_encoder_decoder),
-    )
-    sampler = BatchIndexSampler(
-        stage_indices(dataset, stage.tasks, stage.task_weights),
-        batch_size,
-        seed=recipe.seed + (0 if stage_name == "stage1" else 1),
-        start=start_step * stage.grad_accum,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-    )
-    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers))
-    if state is not None:
-        # After the loader: starting its iterator draws from the global generator.
-        restore_rng(*state["rng"])
-    end = stage.steps if budget is None else min(stage.steps, start_step + max(0, budget))
-    params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
-    metrics_path = checkpointer.run_dir / "metrics.jsonl"
-    final: dict[str, float] = {}
-    wrapped.train()
-    with StageProgress(stage_name, stage.steps, start_step, quiet=quiet) as bar:
-        for step in range(start_step, end):
-            started = time.perf_counter()
-            sums: dict[str, float] = {}
-            samples = 0
-            for _ in range(stage.grad_accum):
-                batch = next(loader)
-                while not batch.get("size"):
-                    batch = next(loader)
-                with accelerator.accumulate(wrapped):
-                    losses = wrapped(batch, stage_name)
-                    accelerator.backward(losses["loss"])
-                    if accelerator.sync_gradients and stage.grad_clip > 0:
-                        accelerator.clip_grad_norm_(params, stage.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / stage.grad_accum
-                samples += batch["size"]
-            lr = lr_at(step, stage)
-            scheduler.step()
-            elapsed = time.perf_counter() - started
-            final = {**sums, "lr": lr, "samples_per_s": samples * accelerator.num_processes / elapsed}
-            if accelerator.is_main_process and ((step + 1) % recipe.log_every == 0 or step + 1 == stage.steps):
-                row = {"stage": stage_name, "step": step + 1, **{k: round(v, 6) for k, v in final.items()}}
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-            bar.update(step + 1, final)
-            done = step + 1
-            at_interval = recipe.checkpoint_every and done % recipe.checkpoint_every == 0
-            if accelerator.is_main_process and (at_interval or done == end):
-                progress = {"stage": stage_name, "step": done, "completed": list(completed),
-                            "consumed": done * stage.grad_accum}
-                checkpointer.save(model, optimizer, scheduler, progress)
-    if start_step >= end:
-        return start_step, final
-    return end, final
+
+def _restore_optimizer(optimizer: Any, saved: dict[str, Any]) -> None:
+    """Load a saved optimizer state (whole tensors), cut to each parameter's shard under FSDP."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {
+        index: {k: shard_like(v, params[int(index)]) if hasattr(v, "shape") and v.shape == params[int(index)].shape else v
+                for k, v in values.items()}
+        for index, values in saved["state"].items()
+    }
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def validate(model: VisionLanguageModel, dataset: Any, recipe: Recipe, stage_name: str, run_dir: Path) -> dict[str, Any]:
+    """Score the model on a validation split after a stage: retrieval after stage 1, captions and VQA
+    after stage 2 (greedy decoding); predictions go to run/eval-validation/<stage>/, scores to metrics.jsonl."""
+    from blipkit.eval.evaluate import evaluate, write_results
+
+    tasks = ["retrieval"] if stage_name == "stage1" else [t for t in ("caption", "vqa") if t in dataset.tasks]
+    scores: dict[str, Any] = {}
+    model.eval()
+    for task in tasks:
+        outcome = evaluate(model, dataset, task, generation={"num_beams": 1})
+        write_results(outcome, run_dir / "eval-validation" / stage_name)
+        scores.update({f"{task}/{k}": v for k, v in outcome.scores.items() if isinstance(v, (int, float))})
+    split = recipe.data.validation.split if recipe.data.validation is not None else "validation"
+    append_metrics(run_dir, {"stage": stage_name, "step": getattr(recipe, stage_name).steps, "split": split, **scores})
+    return scores
+
+
+def cached_features(
+    model: VisionLanguageModel, dataset: Any, quiet: bool = False, batch_size: int = 32, ranks: Ranks | None = None
+) -> CachedFeatureDataset:
+    """Encode every image of ``dataset`` not yet in the feature cache, and view the dataset through it.
+
+    Under several processes every process calls this with ``ranks``: each encodes its share."""
+    encoder = model.encoder
+    cache = FeatureCache(encoder.cache_key)
+
+    def encode(images: list[Any]) -> torch.Tensor:
+        return model.image_tokens(torch.stack([encoder.preprocess(image) for image in images]))
+
+    with CountProgress("encoding images", len(dataset.records), quiet=quiet) as bar:
+        keys = cache.fill(dataset.records, encode, batch_size=batch_size, progress=bar.advance, ranks=ranks)
+    return CachedFeatureDataset(dataset, cache, keys)
+
+
+def _remember_last_run(run_dir: Path) -> None:
+    try:
+        atomic_write_text(cache_dir() / "last-run", str(run_dir.resolve()))
+    except OSError as err:
+        logger.warning("could not record the last run in %s: %s", cache_dir(), err)

@@ -67,27 +67,53 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
 
 
 def save_trainer_state(
-    directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict[str, Any]
+    directory: Path,
+    optimizer_state: dict[str, Any],
+    scheduler: Any,
+    progress: dict[str, Any],
+    rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
+    scaler: dict[str, Any] | None = None,
 ) -> None:
-    """Write optimizer.safetensors, rng.safetensors and state.json into ``directory``."""
+    """Write optimizer.safetensors, one RNG file per process (rng.safetensors for the first,
+    rng-rank<N>.safetensors for the others) and state.json into ``directory``.
+
+    ``optimizer_state`` is an optimizer's ``state_dict()`` with whole tensors; ``rngs`` holds every
+    process's ``rng_state()`` in rank order; ``scaler`` a GradScaler's state (fp16 training).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _split_optimizer(optimizer_state)
     save_safetensors(opt_tensors, directory / "optimizer.safetensors")
-    rng_tensors, rng_meta = rng_state()
-    save_safetensors(rng_tensors, directory / "rng.safetensors")
-    scheduler_state = scheduler.state_dict()
-    atomic_write_json(
-        directory / "state.json",
-        {"progress": progress, "optimizer": opt_meta, "scheduler": scheduler_state, "rng": rng_meta},
-    )
+    for rank, (tensors, _) in enumerate(rngs):
+        save_safetensors(tensors, directory / _rng_file(rank))
+    state = {
+        "progress": progress,
+        "optimizer": opt_meta,
+        "scheduler": scheduler.state_dict(),
+        "rng": rngs[0][1],
+        "rng_ranks": [meta for _, meta in rngs[1:]],
+    }
+    if scaler is not None:
+        state["scaler"] = scaler
+    atomic_write_json(directory / "state.json", state)
 
 
-def load_trainer_state(directory: Path) -> dict[str, Any]:
-    """Read what ``save_trainer_state`` wrote: progress, optimizer/scheduler state dicts and RNG parts."""
+def _rng_file(rank: int) -> str:
+    return "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
+
+
+def load_trainer_state(directory: Path, rank: int = 0) -> dict[str, Any]:
+    """Read what ``save_trainer_state`` wrote: progress, optimizer/scheduler state dicts, the GradScaler's
+    state (or None), and process ``rank``'s RNG parts (None when the run was saved with fewer processes)."""
     meta = read_json(directory / "state.json")
+    metas = [meta["rng"], *meta.get("rng_ranks", [])]
+    rng = None
+    if rank < len(metas):
+        rng = (load_safetensors(directory / _rng_file(rank)), metas[rank])
     return {
         "progress": meta["progress"],
         "optimizer": _join_optimizer(load_safetensors(directory / "optimizer.safetensors"), meta["optimizer"]),
         "scheduler": meta["scheduler"],
-        "rng": (load_safetensors(directory / "rng.safetensors"), meta["rng"]),
+        "scaler": meta.get("scaler"),
+        "rng": rng,
+        "saved_processes": len(metas),
     }
