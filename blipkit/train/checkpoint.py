@@ -18,7 +18,7 @@ from blipkit.distributed import Ranks
 from blipkit.errors import BlipkitError
 from blipkit.io import atomic_write_text, read_json
 from blipkit.pipeline import META_FILE, VisionLanguageModel, save_weights, write_meta
-from blipkit.train.processes import whole, whole_state_dicts
+from blipkit.train.processes import whole_optimizer_state, whole_state_dicts
 from blipkit.train.state import rng_state, save_trainer_state
 
 __all__ = ["Checkpointer", "ResumePoint", "append_metrics", "open_run_dir"]
@@ -87,7 +87,7 @@ class Checkpointer:
         """Write a checkpoint of ``model``'s trainable parts and the trainer state; every process calls
         this, the main one writes. Returns the checkpoint's path relative to the run directory."""
         name = f"{progress['stage']}-step-{progress['step']:07d}"
-        optimizer_state = _whole_optimizer_state(optimizer)
+        optimizer_state = whole_optimizer_state(optimizer)
         rngs = self.ranks.gather_objects(rng_state())
         with whole_state_dicts((model.bridge, model.projection)):
             if self.ranks.is_main:
@@ -114,13 +114,3 @@ class Checkpointer:
         for old in done[: -self.keep]:
             if old.name != keep_name:
                 shutil.rmtree(old, ignore_errors=True)
-
-
-def _whole_optimizer_state(optimizer: Any) -> dict[str, Any]:
-    """The optimizer's state dict with sharded tensors gathered (every process, same order)."""
-    state = optimizer.state_dict()
-    return {
-        "state": {index: {k: whole(v) if hasattr(v, "device") else v for k, v in values.items()}
-                  for index, values in state["state"].items()},
-        "param_groups": state["param_groups"],
-    }

@@ -49,7 +49,7 @@ class StageProgress:
 class CountProgress:
     """A plain counting progress bar on stderr (e.g. images encoded); silent when quiet or not a terminal."""
 
-    def __init__(self, description: str, total: int, quiet: bool = False) -> None:
+    def __init__(self, description: str, total: int | None, quiet: bool = False) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -71,6 +71,10 @@ class CountProgress:
     def advance(self, count: int) -> None:
         """Count ``count`` more items done."""
         self.progress.advance(self.task, count)
+
+    def restart(self, description: str, total: int) -> None:
+        """Start counting again from zero, towards ``total``, under ``description``."""
+        self.progress.reset(self.task, total=total, description=description)
 
 
 def plot_curves(metrics_file: Path, out: Path) -> bool:

@@ -19,6 +19,7 @@ from blipkit.errors import BlipkitError, ConfigError, ReportedByMainError
 
 __all__ = [
     "frozen_dtype",
+    "load_whole_optimizer_state",
     "main_first",
     "make_accelerator",
     "peer_lost",
@@ -27,6 +28,7 @@ __all__ = [
     "shard_like",
     "under_elastic_agent",
     "whole",
+    "whole_optimizer_state",
     "whole_state_dicts",
 ]
 
@@ -43,17 +45,23 @@ def precision(recipe: Recipe) -> str:
     return recipe.precision
 
 
-def frozen_dtype(recipe: Recipe) -> torch.dtype | None:
+def frozen_dtype(accelerator: Any) -> torch.dtype | None:
     """The dtype to store the frozen encoder and LLM in: half precision on GPU under mixed precision (they
-    need no fp32 master weights), None (as loaded) otherwise."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(recipe))
+    need no fp32 master weights), None (as loaded) otherwise. Under FSDP the parts keep their dtypes and
+    FSDP's mixed-precision policy casts what it gathers."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
 def make_accelerator(recipe: Recipe) -> Any:
-    """The run's Accelerator: DDP (or FSDP2 with ``distributed.strategy: fsdp``) over the processes a
-    launcher started, gloo on CPU, and the recipe's time-out at every collective."""
+    """The run's Accelerator: DDP over the processes a launcher started (gloo on CPU), FSDP2 with
+    ``distributed.strategy: fsdp`` or an accelerate config that asks for it, DeepSpeed when accelerate's
+    config asks for it; the recipe's time-out at every collective."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
     on_gpu = torch.cuda.is_available()
     plugin = None
@@ -63,15 +71,10 @@ def make_accelerator(recipe: Recipe) -> Any:
                 "distributed.strategy: fsdp runs on GPUs only (accelerate shards with FSDP on GPUs); "
                 "use distributed.strategy=ddp on CPU"
             )
-        if recipe.bridge.tuning == "lora" or recipe.llm.lora is not None:
-            raise ConfigError(
-                "distributed.strategy: fsdp does not train LoRA adapters yet; use ddp, or remove bridge.tuning "
-                "and llm.lora"
-            )
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision(recipe),
         cpu=not on_gpu,
         fsdp_plugin=plugin,
@@ -81,6 +84,12 @@ def make_accelerator(recipe: Recipe) -> Any:
             InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.distributed.timeout_s)),
         ],
     )
+    if accelerator.distributed_type == DistributedType.FSDP and (recipe.bridge.tuning == "lora" or recipe.llm.lora is not None):
+        raise ConfigError(
+            "FSDP does not train LoRA adapters in blipkit yet; use distributed.strategy=ddp, or remove "
+            "bridge.tuning and llm.lora"
+        )
+    return accelerator
 
 
 def main_first(ranks: Ranks, work: Callable[[], T]) -> T:
@@ -159,3 +168,28 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def ranks_of(accelerator: Any) -> Ranks:
     """The run's processes as the Accelerator set them up."""
     return current() if accelerator.num_processes > 1 else Ranks()
+
+
+def whole_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """The optimizer's state dict with sharded tensors gathered whole (every process, in the same order)."""
+    state = optimizer.state_dict()
+    return {
+        "state": {index: {k: whole(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+                  for index, values in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
+
+
+def load_whole_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> None:
+    """Load what ``whole_optimizer_state`` gave into ``optimizer``, each tensor the shape of its parameter
+    cut the way that parameter is sharded (FSDP)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def fit(key: str, value: Any, param: torch.Tensor) -> Any:
+        # Moments have their parameter's shape; the step count is a scalar of its own, even for a scalar parameter.
+        if key != "step" and isinstance(value, torch.Tensor) and value.shape == param.shape:
+            return shard_like(value, param)
+        return value
+
+    state = {index: {k: fit(k, v, params[int(index)]) for k, v in values.items()} for index, values in saved["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

@@ -11,6 +11,7 @@ process computes over the whole batch.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ from blipkit.data.collate import Collator
 from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
 from blipkit.distributed import Ranks
 from blipkit.errors import ConfigError, PeerLostError, one_line
-from blipkit.io import atomic_write_text, cache_dir
-from blipkit.pipeline import VisionLanguageModel, add_language_model, build_model, load_weights
+from blipkit.io import atomic_write_text, cache_dir, read_json
+from blipkit.pipeline import META_FILE, VisionLanguageModel, add_language_model, build_model, load_weights
 from blipkit.train.checkpoint import Checkpointer, ResumePoint, append_metrics, open_run_dir
 from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
 from blipkit.train.lexical import LexicalFit, lexical_init
@@ -35,11 +36,11 @@ from blipkit.train.memory import reuse_freed_memory
 from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
 from blipkit.train.processes import (
     frozen_dtype,
+    load_whole_optimizer_state,
     main_first,
     make_accelerator,
     peer_lost,
     ranks_of,
-    shard_like,
 )
 from blipkit.train.sampling import BatchIndexSampler, stage_indices
 from blipkit.train.state import load_trainer_state, restore_rng, rng_state
@@ -125,7 +126,7 @@ class _Trainer:
         set_seed(recipe.seed)
         completed = list(resume_from[0]["completed"]) if resume_from else []
         dataset = open_dataset(recipe.data.train.name, recipe.data.train.split, recipe.data.train.options)
-        model = build_model(recipe, with_llm=False, frozen_dtype=frozen_dtype(recipe))
+        model = build_model(recipe, with_llm=False, frozen_dtype=frozen_dtype(self.accelerator))
         model.to(self.accelerator.device)
         training_data: Any = dataset
         if recipe.data.feature_cache:
@@ -148,6 +149,8 @@ class _Trainer:
                 break
             completed.append(stage_name)
             resume_from = None
+            if _is_sharded(self.accelerator):
+                model = self._unsharded(with_llm=stage_name == "stage2")
             if validation_data is not None:
                 self._validate(model, validation_data, stage_name)
         self._finish(training_data)
@@ -159,7 +162,7 @@ class _Trainer:
         stage = getattr(self.recipe, stage_name)
         _follow_main_rng(self.ranks)
         if stage_name == "stage2":
-            add_language_model(model, self.recipe, frozen_dtype=frozen_dtype(self.recipe))
+            add_language_model(model, self.recipe, frozen_dtype=frozen_dtype(self.accelerator))
         start_step, state = 0, None
         if resume_from is not None:
             progress, checkpoint = resume_from
@@ -176,6 +179,15 @@ class _Trainer:
         self.result.final[stage_name] = final
         self.accelerator.free_memory()
         return steps_done, start_step
+
+    def _unsharded(self, with_llm: bool) -> VisionLanguageModel:
+        """The model rebuilt whole from the checkpoint just written: FSDP leaves the trained parts sharded in
+        place, and the next stage, validation and saving need them whole."""
+        checkpoint = self.run_dir / read_json(self.run_dir / META_FILE)["checkpoint"]
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(self.recipe, with_llm=with_llm, frozen_dtype=frozen_dtype(self.accelerator))
+        load_weights(model, checkpoint)
+        return model.to(self.accelerator.device)
 
     def _validation_data(self, model: VisionLanguageModel) -> Any:
         split = self.recipe.data.validation
@@ -200,6 +212,12 @@ class _Trainer:
         if self.result.completed and self.ranks.is_main:
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             _remember_last_run(self.run_dir)
+
+
+def _is_sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def _follow_main_rng(ranks: Ranks) -> None:
@@ -240,7 +258,7 @@ class _StageLoop:
         wrapped, optimizer = accelerator.prepare(self.model, optimizer)
         consumed = start_step * stage.grad_accum
         if state is not None:
-            _restore_optimizer(optimizer, state["optimizer"])
+            load_whole_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if state["scaler"] is not None and accelerator.scaler is not None:
                 accelerator.scaler.load_state_dict(state["scaler"])
@@ -361,17 +379,6 @@ def _trainable_parts(model: VisionLanguageModel, recipe: Recipe, stage_name: str
     return trainable
 
 
-def _restore_optimizer(optimizer: Any, saved: dict[str, Any]) -> None:
-    """Load a saved optimizer state (whole tensors), cut to each parameter's shard under FSDP."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {
-        index: {k: shard_like(v, params[int(index)]) if hasattr(v, "shape") and v.shape == params[int(index)].shape else v
-                for k, v in values.items()}
-        for index, values in saved["state"].items()
-    }
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-
-
 def validate(model: VisionLanguageModel, dataset: Any, recipe: Recipe, stage_name: str, run_dir: Path) -> dict[str, Any]:
     """Score the model on a validation split after a stage: retrieval after stage 1, captions and VQA
     after stage 2 (greedy decoding); predictions go to run/eval-validation/<stage>/, scores to metrics.jsonl."""
@@ -401,8 +408,13 @@ def cached_features(
     def encode(images: list[Any]) -> torch.Tensor:
         return model.image_tokens(torch.stack([encoder.preprocess(image) for image in images]))
 
-    with CountProgress("encoding images", len(dataset.records), quiet=quiet) as bar:
-        keys = cache.fill(dataset.records, encode, batch_size=batch_size, progress=bar.advance, ranks=ranks)
+    ranks = ranks or Ranks()
+
+    def plan(images: int, size: int) -> None:
+        bar.restart(f"encoding {images} images ({size / 2**20:.1f} MiB of features)", math.ceil(images / ranks.world))
+
+    with CountProgress("checking the feature cache", None, quiet=quiet) as bar:
+        keys = cache.fill(dataset.records, encode, batch_size=batch_size, progress=bar.advance, ranks=ranks, on_plan=plan)
     return CachedFeatureDataset(dataset, cache, keys)
 
 
