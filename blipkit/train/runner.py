@@ -308,7 +308,8 @@ class _StageLoop:
             rank=self.ranks.rank,
             world=self.ranks.world,
         )
-        return iter(DataLoader(self.data, batch_sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers))
+        return iter(DataLoader(self.data, batch_sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers,
+                               pin_memory=self.accelerator.device.type == "cuda"))
 
     def _draw(self, loader: Any) -> tuple[dict[str, Any], int]:
         """The next micro-batch every process can use, and how many were drawn to find it: one that came
