@@ -104,6 +104,12 @@ class ImageTextDataset(Dataset):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    @property
+    def unreadable(self) -> frozenset[int]:
+        """Indices of the samples whose image turned out unreadable when loaded (counted in ``skipped``)."""
+        with self._lock:
+            return frozenset(self._unreadable)
+
     def _reasons(self) -> str:
         return ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
 

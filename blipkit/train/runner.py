@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from blipkit.config import Recipe, StageConfig
 from blipkit.data.collate import Collator
+from blipkit.data.dataset import CORRUPT_IMAGE
 from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
 from blipkit.distributed import Ranks
 from blipkit.errors import ConfigError, PeerLostError, one_line
@@ -205,13 +206,21 @@ class _Trainer:
         self.ranks.barrier()
 
     def _finish(self, training_data: Any) -> None:
-        skipped: Counter[str] = Counter()
-        for counts in self.ranks.gather_objects(dict(training_data.skipped)):
-            skipped.update(counts)
-        self.result.skipped = dict(skipped)
+        self.result.skipped = _skipped_everywhere(training_data, self.ranks)
         if self.result.completed and self.ranks.is_main:
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             _remember_last_run(self.run_dir)
+
+
+def _skipped_everywhere(data: Any, ranks: Ranks) -> dict[str, int]:
+    """The samples the run skipped, over every process: what the dataset found when it was built (the same
+    on each) and the images any process found unreadable when it loaded them."""
+    dataset = getattr(data, "dataset", data)
+    skipped = Counter(data.skipped)
+    mine = getattr(dataset, "unreadable", frozenset())
+    everywhere = frozenset().union(*ranks.gather_objects(mine))
+    skipped[CORRUPT_IMAGE] += len(everywhere) - len(mine)
+    return {reason: count for reason, count in skipped.items() if count}
 
 
 def _is_sharded(accelerator: Any) -> bool:
