@@ -30,8 +30,9 @@ def test_processes_become_accelerate_launch_arguments(monkeypatch: pytest.Monkey
     assert parsed.num_processes == 4 and parsed.multi_gpu and parsed.num_cpu_threads_per_process == 2
     assert parsed.module and parsed.training_script == "blipkit" and parsed.training_script_args == ["train", "tiny", "-q"]
     assert parsed.main_process_ip == "10.1.2.3" and parsed.main_process_port == 0
-    with_file = _parse(launch_args(2, ["train"], f"--config_file {EXAMPLES / 'fsdp.yaml'}"))
-    assert not with_file.multi_gpu and with_file.config_file == str(EXAMPLES / "fsdp.yaml")
+    with_file = _parse(launch_args(2, ["train"], f"--config_file {EXAMPLES / 'multi-node.yaml'} --machine_rank 1"))
+    assert not with_file.multi_gpu and with_file.config_file == str(EXAMPLES / "multi-node.yaml")
+    assert with_file.main_process_port is None, "the config file's port must reach every machine"
 
 
 def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,9 @@ def launch_args(processes: int, train_argv: Sequence[str], launcher_args: str = 
     gpus = torch.cuda.device_count()
     if gpus and processes > gpus and "--num_machines" not in extra and "--config_file" not in extra:
         raise ConfigError(f"--processes {processes}: this machine has {gpus} GPUs; start at most {gpus} processes")
-    args = ["--num_processes", str(processes), "--main_process_port", "0"]
+    args = ["--num_processes", str(processes)]
+    if not {"--config_file", "--num_machines", "--main_process_port"} & set(extra):
+        args += ["--main_process_port", "0"]  # one machine: any free port
     if "--config_file" not in extra:
         threads = max(1, (os.cpu_count() or 1) // processes) if not gpus else 1
         args += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -127,7 +127,9 @@ class _Trainer:
         set_seed(recipe.seed)
         completed = list(resume_from[0]["completed"]) if resume_from else []
         dataset = open_dataset(recipe.data.train.name, recipe.data.train.split, recipe.data.train.options)
-        model = build_model(recipe, with_llm=False, frozen_dtype=frozen_dtype(self.accelerator))
+        with self.accelerator.main_process_first():
+            # The first load may download or convert weights into a cache the others then read.
+            model = build_model(recipe, with_llm=False, frozen_dtype=frozen_dtype(self.accelerator))
         model.to(self.accelerator.device)
         training_data: Any = dataset
         if recipe.data.feature_cache:
@@ -163,7 +165,8 @@ class _Trainer:
         stage = getattr(self.recipe, stage_name)
         _follow_main_rng(self.ranks)
         if stage_name == "stage2":
-            add_language_model(model, self.recipe, frozen_dtype=frozen_dtype(self.accelerator))
+            with self.accelerator.main_process_first():
+                add_language_model(model, self.recipe, frozen_dtype=frozen_dtype(self.accelerator))
         start_step, state = 0, None
         if resume_from is not None:
             progress, checkpoint = resume_from
