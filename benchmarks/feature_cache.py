@@ -63,7 +63,7 @@ def run(
     from blipkit.config import load_recipe
     from blipkit.data.collate import Collator
     from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
-    from blipkit.pipeline import VisionLanguageModel
+    from blipkit.model.vlm import VisionLanguageModel
     from blipkit.plugin_manager import registries
     from blipkit.train.optim import build_optimizer
     from blipkit.train.runner import open_dataset

@@ -5,18 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-from blipkit.hookspecs import hookimpl  # noqa: E402
+from blipkit.hookspecs import hookimpl
+from blipkit.version import __version__
 
 if TYPE_CHECKING:
-    from blipkit.pipeline import VisionLanguageModel
+    from blipkit.model.vlm import VisionLanguageModel
 
 __all__ = ["__version__", "hookimpl", "load"]
 
 
 def load(path: str | Path, device: Any = None) -> VisionLanguageModel:
     """Load a trained blipkit model from its run directory."""
-    from blipkit.pipeline import load_model
+    from blipkit.model.build import load_model
 
     return load_model(path, device=device)

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from blipkit import __version__
+from blipkit.version import __version__
 from blipkit.errors import BlipkitError, one_line
 
 REPORT_GRACE_S = 3.0
@@ -330,7 +330,7 @@ def cache(args: tuple[str, ...], clear: bool, quiet: bool) -> None:
         click.echo(f"Cleared {features_root()} ({freed / 2**20:.1f} MiB)")
         return
     from blipkit.config import load_recipe
-    from blipkit.pipeline import build_model
+    from blipkit.model.build import build_model
     from blipkit.train.runner import cached_features, open_dataset
 
     name, overrides = _split_recipe_args(args)

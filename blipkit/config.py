@@ -291,7 +291,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         if component.lora is not None and part not in ("bridge", "llm"):
             raise ConfigError(f"{part}.lora: LoRA applies to the bridge (bridge.tuning=lora) and the llm only")
         if component.lora is not None:
-            from blipkit.train.lora import LoraSettings
+            from blipkit.model.lora import LoraSettings
 
             settings = {k: v for k, v in component.lora.items() if k != "always_trainable"}
             try:

@@ -48,7 +48,7 @@ def register_recipes(register: Register) -> None:
 @hookspec(firstresult=True)
 def load_model(path: str) -> Any:
     """Load a checkpoint that is not a blipkit run directory (e.g. a transformers BLIP-2 model) as a
-    ``blipkit.pipeline.VisionLanguageModel``; return None when ``path`` is not yours."""
+    ``blipkit.model.vlm.VisionLanguageModel``; return None when ``path`` is not yours."""
 
 
 @hookspec

@@ -13,7 +13,7 @@ from blipkit.data.images import load_image
 from blipkit.errors import BlipkitError, DataError
 
 if TYPE_CHECKING:
-    from blipkit.pipeline import VisionLanguageModel
+    from blipkit.model.vlm import VisionLanguageModel
 
 __all__ = ["attention_heatmap", "retrieve_images"]
 

@@ -89,7 +89,7 @@ def _env_list(name: str) -> set[str] | None:
 
 
 def _load() -> _State:
-    from blipkit import __version__
+    from blipkit.version import __version__
 
     pm = pluggy.PluginManager("blipkit")
     pm.add_hookspecs(hookspecs)

@@ -11,7 +11,7 @@ import torch
 from blipkit.config import load_recipe, validate_recipe
 from blipkit.data.collate import Collator
 from blipkit.errors import ConfigError, DataError
-from blipkit.pipeline import add_language_model, build_model
+from blipkit.model.build import add_language_model, build_model
 from blipkit.plugins.bridges.projectors import LinearProjector, MLPProjector
 from blipkit.train.lexical import lexical_init, spelled_targets
 from blipkit.train.runner import cached_features, open_dataset, train

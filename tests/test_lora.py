@@ -12,8 +12,8 @@ from torch import nn
 from blipkit.errors import BlipkitError, ConfigError, DataError
 from blipkit.io import load_safetensors
 from blipkit.plugin_manager import registries
-from blipkit.train import lora
-from blipkit.train.lora import LoraSettings
+from blipkit.model import lora
+from blipkit.model.lora import LoraSettings
 
 SETTINGS = LoraSettings(r=4, alpha=8, dropout=0.0)
 PROMPTS = ["what colour is the shape?", "caption"]

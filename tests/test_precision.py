@@ -15,7 +15,7 @@ import torch
 import blipkit
 from blipkit.config import load_recipe
 from blipkit.io import load_safetensors, read_json
-from blipkit.pipeline import build_model
+from blipkit.model.build import build_model
 from blipkit.train.processes import frozen_dtype
 from blipkit.train.runner import train
 

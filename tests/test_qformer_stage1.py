@@ -88,7 +88,7 @@ def test_itg_is_causal_and_sees_the_image() -> None:
 def test_image_keys_values_and_gradients_equal_ln_vision_then_projection(adapted: bool) -> None:
     """ln_vision's affine is folded into the key/value weights; values and every gradient must equal the
     plain ln_vision -> Linear computation (float64; peft-wrapped projections take the unfolded path)."""
-    from blipkit.train.lora import LoraSettings, apply_bridge_lora
+    from blipkit.model.lora import LoraSettings, apply_bridge_lora
 
     model = tiny(dropout=0.0).double()
     if adapted:

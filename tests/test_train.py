@@ -194,7 +194,7 @@ def test_loss_falls_when_overfitting(tmp_path: Path) -> None:
 
 
 def test_lora_run_saves_adapters_and_reloads(tmp_path: Path) -> None:
-    from blipkit.train.lora import has_lora
+    from blipkit.model.lora import has_lora
 
     overrides = ["~stage1", "stage2.steps=3", "bridge.tuning=lora", "bridge.lora={r: 4}", "llm.lora={r: 4, alpha: 8}"]
     run = tmp_path / "run"

@@ -12,7 +12,7 @@ from blipkit.errors import DataError
 from blipkit.io import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
-    from blipkit.pipeline import VisionLanguageModel
+    from blipkit.model.vlm import VisionLanguageModel
 
 __all__ = ["EvalResult", "evaluate", "write_results"]
 

@@ -17,7 +17,8 @@ from blipkit.config import Recipe
 from blipkit.distributed import Ranks
 from blipkit.errors import BlipkitError
 from blipkit.io import atomic_write_text, read_json
-from blipkit.pipeline import META_FILE, VisionLanguageModel, save_weights, write_meta
+from blipkit.model.persistence import META_FILE, save_weights, write_meta
+from blipkit.model.vlm import VisionLanguageModel
 from blipkit.train.processes import whole_optimizer_state, whole_state_dicts
 from blipkit.train.state import rng_state, save_trainer_state
 

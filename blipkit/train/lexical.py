@@ -18,7 +18,7 @@ import torch
 from blipkit.config import Recipe
 from blipkit.data.collate import Collator
 from blipkit.errors import ConfigError, DataError
-from blipkit.pipeline import VisionLanguageModel
+from blipkit.model.vlm import VisionLanguageModel
 from blipkit.train.feedback import CountProgress
 
 __all__ = ["LexicalFit", "lexical_init", "spelled_targets"]

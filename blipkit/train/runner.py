@@ -28,11 +28,13 @@ from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
 from blipkit.distributed import Ranks
 from blipkit.errors import ConfigError, PeerLostError, one_line
 from blipkit.io import atomic_write_text, cache_dir, read_json
-from blipkit.pipeline import META_FILE, VisionLanguageModel, add_language_model, build_model, load_weights
+from blipkit.model.build import add_language_model, build_model
+from blipkit.model.persistence import META_FILE, load_weights
+from blipkit.model.vlm import VisionLanguageModel
 from blipkit.train.checkpoint import Checkpointer, ResumePoint, append_metrics, open_run_dir
 from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
 from blipkit.train.lexical import LexicalFit, lexical_init
-from blipkit.train.lora import has_lora
+from blipkit.model.lora import has_lora
 from blipkit.train.memory import reuse_freed_memory
 from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
 from blipkit.train.processes import (

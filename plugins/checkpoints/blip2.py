@@ -26,7 +26,7 @@ from blipkit.io import load_safetensors_prefixed
 
 if TYPE_CHECKING:
     from blipkit.config import Recipe
-    from blipkit.pipeline import VisionLanguageModel
+    from blipkit.model.vlm import VisionLanguageModel
 
 __all__ = ["blip2_recipe", "load_model", "locate"]
 
@@ -109,7 +109,8 @@ def blip2_recipe(name: str, bridge_config: dict[str, Any]) -> Recipe:
 
 def _build(name: str, directory: Path) -> VisionLanguageModel:
     """The model in eval mode, its parts built through the registries from the checkpoint ``directory``."""
-    from blipkit.pipeline import VisionLanguageModel, load_bridge
+    from blipkit.model.build import load_bridge
+    from blipkit.model.vlm import VisionLanguageModel
     from blipkit.plugin_manager import registries
 
     config = _read_config(directory / "config.json") or {}

@@ -1,4 +1,4 @@
-"""VisionLanguageModel: frozen encoder -> bridge -> projection -> frozen LLM; build, save, load, generate."""
+"""VisionLanguageModel: frozen encoder -> bridge -> projection -> frozen LLM; prefix, losses, generation."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from blipkit import __version__
-from blipkit.config import ComponentConfig, Recipe, recipe_from_dict, recipe_to_dict
-from blipkit.errors import BlipkitError, ConfigError
+from blipkit.config import Recipe
+from blipkit.errors import BlipkitError
 from blipkit.interfaces import Bridge, Encoder, LanguageModel
-from blipkit.io import atomic_write_json, read_json
+from blipkit.model.persistence import save_weights, write_meta
 
-__all__ = ["VisionLanguageModel", "add_language_model", "build_model", "load_bridge", "load_model"]
+__all__ = ["ImageInput", "VisionLanguageModel"]
 
 ImageInput = str | Path | Image.Image | torch.Tensor
-META_FILE = "blipkit.json"
 
 
 class VisionLanguageModel(nn.Module):
@@ -214,154 +212,8 @@ class VisionLanguageModel(nn.Module):
         return torch.stack([a.mean(dim=1) for a in out.attentions]).mean(dim=0)
 
     def save(self, path: str | Path) -> Path:
-        """Write a run directory (blipkit.json, bridge/, projection/) that ``load_model`` reads."""
+        """Write a run directory (blipkit.json, bridge/, projection/) that ``blipkit.load`` reads."""
         path = Path(path)
         save_weights(self, path)
         write_meta(path, self.recipe, checkpoint=".")
         return path
-
-
-def save_weights(model: VisionLanguageModel, directory: Path) -> None:
-    """Save the trainable parts under ``directory``: bridge (with its LoRA), projection, LLM adapter."""
-    from blipkit.train.lora import has_lora, save_bridge, save_llm_adapter
-
-    save_bridge(model.bridge, directory / "bridge")
-    if model.projection is not None:
-        model.projection.save_pretrained(directory / "projection")
-    if model.llm is not None and has_lora(model.llm.model):
-        save_llm_adapter(model.llm, directory / "llm_adapter")
-
-
-def load_weights(model: VisionLanguageModel, directory: Path) -> None:
-    """Load what ``save_weights`` wrote into an already built ``model`` (resuming a run)."""
-    from blipkit.io import load_safetensors
-    from blipkit.train.lora import has_lora, load_bridge_lora, load_llm_adapter
-
-    if has_lora(model.bridge):
-        load_bridge_lora(model.bridge, directory / "bridge")
-    else:
-        model.bridge.load_state_dict(load_safetensors(directory / "bridge" / "model.safetensors"))
-    if model.projection is not None and (directory / "projection").exists():
-        model.projection.load_state_dict(load_safetensors(directory / "projection" / "model.safetensors"))
-    if model.llm is not None and (directory / "llm_adapter").exists():
-        load_llm_adapter(model.llm, directory / "llm_adapter", trainable=True)
-
-
-def _apply_bridge_tuning(bridge: Bridge, config: ComponentConfig) -> Bridge:
-    if config.tuning == "lora":
-        from blipkit.train.lora import ALWAYS_TRAINABLE, LoraSettings, apply_bridge_lora
-
-        settings = dict(config.lora or {})
-        always = settings.pop("always_trainable", ALWAYS_TRAINABLE)
-        apply_bridge_lora(bridge, LoraSettings(**settings), always)
-    return bridge
-
-
-def write_meta(run_dir: Path, recipe: Recipe, checkpoint: str, **extra: Any) -> None:
-    """Atomically (re)write ``blipkit.json``: the resolved recipe and which checkpoint is current."""
-    atomic_write_json(
-        run_dir / META_FILE,
-        {"blipkit_version": __version__, "checkpoint": checkpoint, **extra, "recipe": recipe_to_dict(recipe)},
-    )
-
-
-def _registries() -> Any:
-    from blipkit.plugin_manager import registries
-
-    return registries()
-
-
-def _weights_dir(path: Path, part: str) -> Path:
-    """``part`` of a run directory (following its current checkpoint) or of a bare bridge directory."""
-    meta_file = path / META_FILE
-    if meta_file.exists():
-        return path / read_json(meta_file).get("checkpoint", ".") / part
-    return path
-
-
-def load_bridge(name: str, path: str | Path) -> Bridge:
-    """Load a bridge registered as ``name`` from a saved directory or from a run directory."""
-    entry = _registries().bridges.resolve(name).entry
-    directory = Path(path)
-    if (directory / META_FILE).exists():
-        directory = _weights_dir(directory, "bridge")
-    if not (directory / "config.json").exists():
-        raise ConfigError(f"{path} holds no saved bridge (no config.json); give a run directory or a bridge directory")
-    loader = getattr(entry.factory, "from_pretrained", None)
-    if loader is None:
-        raise ConfigError(f"bridge '{name}' cannot be loaded from a directory (its plugin has no from_pretrained)")
-    return loader(directory)
-
-
-def _make_bridge(config: ComponentConfig, slot: str, **dims: int) -> Bridge:
-    regs = _registries()
-    if config.pretrained:
-        return load_bridge(config.name, _weights_dir(Path(config.pretrained), slot) if slot == "projection" else config.pretrained)
-    return regs.bridges.create(config.name, **dims, **config.options)
-
-
-def build_model(recipe: Recipe, with_llm: bool = True, frozen_dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """Materialise the recipe's parts; without ``with_llm`` (stage 1) no LLM or projection is loaded.
-
-    ``frozen_dtype``: what to store the frozen encoder and LLM in (training on GPU keeps them in half
-    precision), None to keep them as their plugins load them; the bridge and projection stay in float32.
-    """
-    encoder = _registries().encoders.create(recipe.encoder.name, **recipe.encoder.options)
-    if frozen_dtype is not None:
-        encoder.to(frozen_dtype)
-    bridge = _apply_bridge_tuning(_make_bridge(recipe.bridge, "bridge", input_dim=encoder.feature_dim), recipe.bridge)
-    model = VisionLanguageModel(encoder, bridge, recipe=recipe)
-    if with_llm:
-        add_language_model(model, recipe, frozen_dtype)
-    return model
-
-
-def add_language_model(model: VisionLanguageModel, recipe: Recipe, frozen_dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """Load the recipe's frozen LLM (in ``frozen_dtype`` if given; LoRA adapters stay float32) into ``model``
-    and give it a projection sized for bridge and LLM."""
-    llm = _registries().llms.create(recipe.llm.name, **recipe.llm.options).requires_grad_(False)
-    if frozen_dtype is not None:
-        llm.to(frozen_dtype)
-    if recipe.llm.lora is not None:
-        from blipkit.train.lora import LoraSettings, apply_llm_lora
-
-        apply_llm_lora(llm, LoraSettings(**recipe.llm.lora))
-    model.llm = llm
-    model.projection = _make_bridge(
-        recipe.projection, "projection", input_dim=model.bridge.output_dim, output_dim=llm.hidden_size
-    )
-    return model
-
-
-def load_model(path: str | Path, device: str | torch.device | None = None) -> VisionLanguageModel:
-    """Load a blipkit run directory (written by training or ``save``), or any checkpoint a plugin's
-    ``load_model`` hook recognises (a transformers BLIP-2 directory, for one)."""
-    path = Path(path)
-    meta_file = path / META_FILE
-    if not meta_file.exists():
-        from blipkit.plugin_manager import get_plugin_manager
-
-        model = get_plugin_manager().hook.load_model(path=str(path))
-        if model is None:
-            raise BlipkitError(
-                f"{path} is not a blipkit run directory (no {META_FILE}) nor a checkpoint any plugin can load; "
-                "train one with: blipkit train"
-            )
-        return model.to(device) if device is not None else model
-    meta = read_json(meta_file)
-    recipe = recipe_from_dict(meta["recipe"])
-    regs = _registries()
-    checkpoint = path / meta.get("checkpoint", ".")
-    encoder = regs.encoders.create(recipe.encoder.name, **recipe.encoder.options)
-    from blipkit.train.lora import load_bridge_lora, load_llm_adapter
-
-    bridge = load_bridge(recipe.bridge.name, checkpoint / "bridge")
-    load_bridge_lora(bridge, checkpoint / "bridge")
-    llm = projection = None
-    if (checkpoint / "projection").exists():
-        llm = regs.llms.create(recipe.llm.name, **recipe.llm.options)
-        projection = load_bridge(recipe.projection.name, checkpoint / "projection")
-        if (checkpoint / "llm_adapter").exists():
-            load_llm_adapter(llm, checkpoint / "llm_adapter")
-    model = VisionLanguageModel(encoder, bridge, projection, llm, recipe).eval()
-    return model.to(device) if device is not None else model

@@ -1,0 +1,55 @@
+"""A model on disk: the run directory's ``blipkit.json`` and the trainable parts' weights (safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blipkit.config import Recipe, recipe_to_dict
+from blipkit.io import atomic_write_json, load_safetensors, read_json
+from blipkit.model.lora import has_lora, load_bridge_lora, load_llm_adapter, save_bridge, save_llm_adapter
+from blipkit.version import __version__
+
+if TYPE_CHECKING:
+    from blipkit.model.vlm import VisionLanguageModel
+
+__all__ = ["META_FILE", "load_weights", "save_weights", "weights_dir", "write_meta"]
+
+META_FILE = "blipkit.json"
+
+
+def save_weights(model: VisionLanguageModel, directory: Path) -> None:
+    """Save the trainable parts under ``directory``: bridge (with its LoRA), projection, LLM adapter."""
+    save_bridge(model.bridge, directory / "bridge")
+    if model.projection is not None:
+        model.projection.save_pretrained(directory / "projection")
+    if model.llm is not None and has_lora(model.llm.model):
+        save_llm_adapter(model.llm, directory / "llm_adapter")
+
+
+def load_weights(model: VisionLanguageModel, directory: Path) -> None:
+    """Load what ``save_weights`` wrote into an already built ``model`` (resuming a run)."""
+    if has_lora(model.bridge):
+        load_bridge_lora(model.bridge, directory / "bridge")
+    else:
+        model.bridge.load_state_dict(load_safetensors(directory / "bridge" / "model.safetensors"))
+    if model.projection is not None and (directory / "projection").exists():
+        model.projection.load_state_dict(load_safetensors(directory / "projection" / "model.safetensors"))
+    if model.llm is not None and (directory / "llm_adapter").exists():
+        load_llm_adapter(model.llm, directory / "llm_adapter", trainable=True)
+
+
+def write_meta(run_dir: Path, recipe: Recipe, checkpoint: str, **extra: Any) -> None:
+    """Atomically (re)write ``blipkit.json``: the resolved recipe and which checkpoint is current."""
+    atomic_write_json(
+        run_dir / META_FILE,
+        {"blipkit_version": __version__, "checkpoint": checkpoint, **extra, "recipe": recipe_to_dict(recipe)},
+    )
+
+
+def weights_dir(path: Path, part: str) -> Path:
+    """``part`` of a run directory (following its current checkpoint) or of a bare bridge directory."""
+    meta_file = path / META_FILE
+    if meta_file.exists():
+        return path / read_json(meta_file).get("checkpoint", ".") / part
+    return path

@@ -1,0 +1,3 @@
+"""blipkit's version."""
+
+__version__ = "0.1.0"
