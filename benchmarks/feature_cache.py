@@ -61,7 +61,6 @@ def run(
     objectives: list[str] | None,
 ) -> dict[str, Any]:
     from blipkit.config import load_recipe
-    from blipkit.data.collate import Collator
     from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
     from blipkit.model.vlm import VisionLanguageModel
     from blipkit.plugin_manager import registries
@@ -77,7 +76,7 @@ def run(
     model.train()
     optimizer = build_optimizer({"bridge": bridge}, recipe.stage1)
     dataset = open_dataset("shapes", "train", {"num_images": images, "image_size": encoder.image_size, "tasks": "caption"})
-    collate = Collator("stage1", encoder.preprocess, bridge_tokenize=bridge.tokenize)
+    collate = regs.objectives.create("blip2-stage1").collator(model, recipe)
     order = list(range(len(dataset)))
 
     def batches(source, limit: int | None = None):

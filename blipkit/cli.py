@@ -168,6 +168,7 @@ cli.add_command(_listing_command("encoders", "image encoders"))
 cli.add_command(_listing_command("llms", "language models"))
 cli.add_command(_listing_command("bridges", "bridges and projections"))
 cli.add_command(_listing_command("datasets", "dataset formats"))
+cli.add_command(_listing_command("objectives", "training objectives a recipe's stage can name"))
 cli.add_command(_listing_command("recipes", "training recipes"))
 
 
@@ -290,9 +291,8 @@ def _print_training(result: Any) -> None:
     for stage, metrics in result.final.items():
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("lr", "samples_per_s"))
         click.echo(f"{stage}: {summary}")
-    if result.projection_fit is not None:
-        fit = result.projection_fit
-        click.echo(f"projection fitted to spell {fit.samples} captions (lexical init, R2 {fit.r2:.3f})")
+    for report in result.prepared.values():
+        click.echo(str(report))
     for stage, scores in result.validation.items():
         click.echo(f"{stage} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
     if result.feature_cache is not None:

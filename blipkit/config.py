@@ -88,10 +88,12 @@ class StageConfig:
     ``task_weights`` (e.g. ``{caption: 0.5, vqa: 0.5}``) sets each task's share of the samples seen by
     repeating the samples of rarer tasks; None keeps the dataset's own proportions. ``lr_scale`` (e.g.
     ``{projection: 30}``) multiplies ``lr`` and ``min_lr`` for the parameters of a component (bridge,
-    projection, llm); the others train at ``lr``. ``projection_init`` (stage 2 only): ``lexical`` fits the
-    projection's read-out by least squares, before the first step, so that the visual prefix spells each
-    training image's caption in the LLM's token embeddings (docs/architecture.md); None keeps its
-    initialisation.
+    projection, llm); the others train at ``lr``. ``projection_init`` (stages whose objective trains the
+    projection): ``lexical`` fits the projection's read-out by least squares, before the first step, so
+    that the visual prefix spells each training image's caption in the LLM's token embeddings
+    (docs/architecture.md); None keeps its initialisation. ``objective`` names a registered training
+    objective (``blipkit objectives``) and ``options`` go to its factory; ``name`` labels the stage in
+    metrics, checkpoints and ``--resume`` (default ``stage<N>``).
     """
 
     steps: int = 1000
@@ -108,6 +110,9 @@ class StageConfig:
     task_weights: dict[str, float] | None = None
     lr_scale: dict[str, float] | None = None
     projection_init: str | None = None
+    objective: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
 
 
 @dataclass
@@ -147,8 +152,7 @@ class Recipe:
     projection: ComponentConfig = field(default_factory=lambda: ComponentConfig("linear"))
     llm: ComponentConfig = field(default_factory=lambda: ComponentConfig("tiny-llama"))
     data: DataConfig = field(default_factory=DataConfig)
-    stage1: StageConfig | None = None
-    stage2: StageConfig | None = None
+    stages: list[StageConfig] = field(default_factory=list)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     precision: str = "auto"
@@ -157,6 +161,20 @@ class Recipe:
     keep_checkpoints: int = 1
     log_every: int = 10
 
+    def stage(self, name: str) -> StageConfig | None:
+        """The stage called ``name``, or None."""
+        return next((stage for stage in self.stages if stage.name == name), None)
+
+    @property
+    def stage1(self) -> StageConfig | None:
+        """The stage the ``stage1:`` shorthand makes (BLIP-2's stage 1), or None."""
+        return self.stage("stage1")
+
+    @property
+    def stage2(self) -> StageConfig | None:
+        """The stage the ``stage2:`` shorthand makes (BLIP-2's stage 2), or None."""
+        return self.stage("stage2")
+
 
 _NESTED: dict[str, type] = {
     "encoder": ComponentConfig,
@@ -164,8 +182,6 @@ _NESTED: dict[str, type] = {
     "projection": ComponentConfig,
     "llm": ComponentConfig,
     "data": DataConfig,
-    "stage1": StageConfig,
-    "stage2": StageConfig,
     "generation": GenerationConfig,
     "distributed": DistributedConfig,
     "train": DatasetConfig,
@@ -176,6 +192,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 LR_SCALE_PARTS = ("bridge", "projection", "llm")
 PROJECTION_INITS = ("lexical",)
+SHORTHAND_STAGES = {"stage1": "blip2-stage1", "stage2": "lm"}
+"""``stage1:`` and ``stage2:`` in a recipe are stages named so, training these objectives by default."""
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
@@ -244,9 +262,76 @@ def _check_positive_mapping(where: str, mapping: dict[str, Any] | None, allowed:
         raise ConfigError(f"{where}: expected positive {what} among {', '.join(allowed)}, got {values}")
 
 
+def _build_stages(listed: Any, shorthand: list[tuple[str, Any]]) -> list[StageConfig]:
+    """The recipe's stages: the ``stages`` list, or the ``stage1``/``stage2`` shorthand (not both)."""
+    if listed is not None and shorthand:
+        raise ConfigError(f"{shorthand[0][0]}: a recipe lists its stages (stages: [...]) or uses stage1/stage2, not both")
+    stages: list[StageConfig] = []
+    for name, value in shorthand:
+        if value is None:
+            raise ConfigError(f"{name}: cannot be empty; set its keys or remove it with ~{name}")
+        stage = _build(StageConfig, value, name)
+        stage.name, stage.objective = name, stage.objective or SHORTHAND_STAGES[name]
+        stages.append(stage)
+    if listed is not None and not isinstance(listed, list):
+        raise ConfigError(f"stages: expected a list of stages, got {listed!r}")
+    for index, value in enumerate(listed or []):
+        stage = _build(StageConfig, value, f"stages.{index}")
+        stage.name = stage.name or f"stage{index + 1}"
+        if not stage.objective:
+            raise ConfigError(f"stages.{index}.objective: name the objective this stage trains (list them with: blipkit objectives)")
+        stages.append(stage)
+    names = [stage.name for stage in stages]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"stages: two stages are called {next(n for n in names if names.count(n) > 1)!r}; give each its own name")
+    return stages
+
+
+def _check_stage(stage: StageConfig) -> None:
+    """Raise ConfigError for a stage's out-of-range settings, naming the key."""
+    where = stage.name
+    for key in ("steps", "grad_accum"):
+        if getattr(stage, key) < 1:
+            raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(stage, key)}")
+    if stage.lr <= 0 or stage.min_lr < 0 or stage.min_lr > stage.lr:
+        raise ConfigError(f"{where}: need 0 <= min_lr <= lr and lr > 0 (lr={stage.lr}, min_lr={stage.min_lr})")
+    if not stage.tasks or not all(isinstance(task, str) and task for task in stage.tasks):
+        raise ConfigError(f"{where}.tasks: expected a non-empty list of task names (caption, vqa, ...), got {stage.tasks}")
+    accepted = _objective_tasks(stage.objective)
+    if accepted is not None and set(stage.tasks) - accepted:
+        raise ConfigError(
+            f"{where}.tasks: objective '{stage.objective}' trains on {', '.join(sorted(accepted))}, "
+            f"not {', '.join(sorted(set(stage.tasks) - accepted))}"
+        )
+    _check_positive_mapping(f"{where}.task_weights", stage.task_weights, stage.tasks, "numbers for tasks")
+    _check_positive_mapping(f"{where}.lr_scale", stage.lr_scale, LR_SCALE_PARTS, "multipliers for parts")
+    if stage.projection_init is not None and stage.projection_init not in PROJECTION_INITS:
+        raise ConfigError(
+            f"{where}.projection_init: expected {' or '.join(PROJECTION_INITS)}, got {stage.projection_init!r}; "
+            "remove the key to keep the projection's own initialisation"
+        )
+
+
+def _objective_tasks(name: str) -> frozenset[str] | None:
+    """The tasks a registered objective declares (None: any task, or an objective not registered here,
+    which ``validate_recipe`` reports)."""
+    from blipkit.plugin_manager import registries
+
+    try:
+        factory = registries().objectives.resolve(name).entry.factory
+    except BlipkitError:
+        return None
+    return getattr(factory, "tasks", None)
+
+
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """Validate the shape of ``data`` (keys and value types) and build a Recipe."""
-    recipe = _build(Recipe, data, "")
+    """Validate the shape of ``data`` (keys and value types) and build a Recipe; ``stage1:``/``stage2:``
+    become stages of that name."""
+    rest = dict(data)
+    shorthand = [(name, rest.pop(name)) for name in SHORTHAND_STAGES if name in rest]
+    listed = rest.pop("stages", None)
+    recipe = _build(Recipe, rest, "")
+    recipe.stages = _build_stages(listed, shorthand)
     if recipe.precision not in PRECISIONS:
         raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {recipe.precision!r}")
     if recipe.distributed.strategy not in STRATEGIES:
@@ -257,31 +342,15 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         raise ConfigError(f"distributed.timeout_s: must be at least 1 second, got {recipe.distributed.timeout_s}")
     if recipe.data.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be at least 1, got {recipe.data.batch_size}")
-    for stage_name in ("stage1", "stage2"):
-        stage = getattr(recipe, stage_name)
-        if stage is None:
-            continue
-        for key in ("steps", "grad_accum"):
-            if getattr(stage, key) < 1:
-                raise ConfigError(f"{stage_name}.{key}: must be at least 1, got {getattr(stage, key)}")
-        if stage.lr <= 0 or stage.min_lr < 0 or stage.min_lr > stage.lr:
-            raise ConfigError(f"{stage_name}: need 0 <= min_lr <= lr and lr > 0 (lr={stage.lr}, min_lr={stage.min_lr})")
-        unknown = set(stage.tasks) - {"caption", "vqa"}
-        if unknown or not stage.tasks:
-            raise ConfigError(f"{stage_name}.tasks: expected a non-empty list of caption and/or vqa, got {stage.tasks}")
-        _check_positive_mapping(f"{stage_name}.task_weights", stage.task_weights, stage.tasks, "numbers for tasks")
-        _check_positive_mapping(f"{stage_name}.lr_scale", stage.lr_scale, LR_SCALE_PARTS, "multipliers for parts")
-        if stage.projection_init is not None and (stage_name != "stage2" or stage.projection_init not in PROJECTION_INITS):
-            raise ConfigError(
-                f"{stage_name}.projection_init: expected {' or '.join(PROJECTION_INITS)} in stage2 only, "
-                f"got {stage.projection_init!r}; remove the key to keep the projection's own initialisation"
-            )
-    if recipe.stage1 is None and recipe.stage2 is None:
-        raise ConfigError("the recipe has no stage: set stage1 and/or stage2")
-    if recipe.stage2 is not None and recipe.stage2.projection_init and recipe.projection.pretrained:
+    for stage in recipe.stages:
+        _check_stage(stage)
+    if not recipe.stages:
+        raise ConfigError("the recipe has no stage: set stage1 and/or stage2, or stages: [...]")
+    fitted = next((stage for stage in recipe.stages if stage.projection_init), None)
+    if fitted is not None and recipe.projection.pretrained:
         raise ConfigError(
-            "stage2.projection_init would overwrite the weights of projection.pretrained; "
-            "remove one of the two (~stage2.projection_init keeps the pretrained projection)"
+            f"{fitted.name}.projection_init would overwrite the weights of projection.pretrained; "
+            f"remove one of the two (~{fitted.name}.projection_init keeps the pretrained projection)"
         )
     for part in ("encoder", "bridge", "projection", "llm"):
         component = getattr(recipe, part)
@@ -329,15 +398,26 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+def _list_item(node: list[Any], key: str) -> Any:
+    """The element of a list (``stages``) that ``key`` names: its index, or the ``name`` it has."""
+    if key.isdigit() and int(key) < len(node):
+        return node[int(key)]
+    named = [item for item in node if isinstance(item, dict) and item.get("name") == key]
+    if not named:
+        raise ConfigError(f"override: no element '{key}' in a list of {len(node)}; use its index (0, 1, ...) or its name")
+    return named[0]
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` (YAML-typed value) and ``~a.b`` (remove) overrides to a recipe dict."""
+    """Apply ``a.b=value`` (YAML-typed value) and ``~a.b`` (remove) overrides to a recipe dict; in a list
+    such as ``stages``, an element is named by its index or its ``name`` (``stages.0.steps=10``)."""
     data = copy.deepcopy(data)
     for override in overrides:
         if override.startswith("~"):
             keys = override[1:].split(".")
-            node = data
+            node: Any = data
             for key in keys[:-1]:
-                node = node.get(key) if isinstance(node, dict) else None
+                node = _list_item(node, key) if isinstance(node, list) else node.get(key) if isinstance(node, dict) else None
                 if node is None:
                     break
             if isinstance(node, dict):
@@ -349,13 +429,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         keys = key_path.split(".")
         node = data
         for key in keys[:-1]:
+            if isinstance(node, list):
+                node = _list_item(node, key)
+                continue
             child = node.get(key)
             if isinstance(child, str):
                 child = {"name": child}  # the shorthand encoder=NAME, extended by encoder.options=...
-            elif not isinstance(child, dict):
+            elif not isinstance(child, (dict, list)):
                 child = {}
             node[key] = child
             node = child
+        if isinstance(node, list):
+            raise ConfigError(f"override '{override}': name a key inside the list element (e.g. stages.0.steps=10)")
         node[keys[-1]] = _parse_value(raw)
     return data
 
@@ -390,13 +475,43 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
 _AUTO_OPTIONS = {"bridge": {"input_dim"}, "projection": {"input_dim", "output_dim"}}
 
 
+def _stage_objectives(recipe: Recipe, regs: Any) -> list[Any]:
+    """Each stage's objective, built from its options (objectives load no weights)."""
+    built = []
+    for stage in recipe.stages:
+        try:
+            regs.objectives.resolve(stage.objective)
+        except BlipkitError as err:
+            raise ConfigError(f"{stage.name}.objective: {err}") from None
+        regs.objectives.check_kwargs(stage.objective, stage.options, where=f"{stage.name}.options")
+        built.append(regs.objectives.create(stage.objective, **stage.options))
+    return built
+
+
+def _check_projection_fit(stage: StageConfig, objective: Any, projection: str, regs: Any) -> None:
+    """Refuse ``projection_init`` on a stage that trains no projection, or with a projection it cannot fit."""
+    from blipkit.interfaces import Bridge
+
+    if not objective.uses_language_model:
+        raise ConfigError(
+            f"{stage.name}.projection_init: objective '{stage.objective}' trains no projection; remove the key"
+        )
+    factory = regs.bridges.resolve(projection).entry.factory
+    if isinstance(factory, type) and issubclass(factory, Bridge) and factory.readout is Bridge.readout:
+        raise ConfigError(
+            f"{stage.name}.projection_init: projection '{projection}' has no linear read-out to fit; "
+            "use projection linear or mlp, or remove the key"
+        )
+
+
 def validate_recipe(recipe: Recipe) -> None:
     """Check every name against the registries and every option against its factory, loading no weights."""
     from blipkit.plugin_manager import registries
 
     regs = registries()
+    objectives = _stage_objectives(recipe, regs)
     parts = [("encoder", regs.encoders), ("bridge", regs.bridges)]
-    if recipe.stage2 is not None:
+    if any(objective.uses_language_model for objective in objectives):
         parts += [("projection", regs.bridges), ("llm", regs.llms)]
     for key, registry in parts:
         component: ComponentConfig = getattr(recipe, key)
@@ -410,15 +525,9 @@ def validate_recipe(recipe: Recipe) -> None:
         registry.check_kwargs(component.name, {**component.options, **{k: 0 for k in _AUTO_OPTIONS.get(key, ())}}, where=f"{key}.options")
         if component.pretrained and not Path(component.pretrained).exists():
             raise ConfigError(f"{key}.pretrained: {component.pretrained} does not exist")
-    if recipe.stage2 is not None and recipe.stage2.projection_init:
-        from blipkit.interfaces import Bridge
-
-        factory = regs.bridges.resolve(recipe.projection.name).entry.factory
-        if isinstance(factory, type) and issubclass(factory, Bridge) and factory.readout is Bridge.readout:
-            raise ConfigError(
-                f"stage2.projection_init: projection '{recipe.projection.name}' has no linear read-out to fit; "
-                "use projection linear or mlp, or remove the key"
-            )
+    for stage, objective in zip(recipe.stages, objectives, strict=True):
+        if stage.projection_init:
+            _check_projection_fit(stage, objective, recipe.projection.name, regs)
     for split_key in ("train", "validation"):
         dataset: DatasetConfig | None = getattr(recipe.data, split_key)
         if dataset is None:

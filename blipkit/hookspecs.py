@@ -41,6 +41,11 @@ def register_datasets(register: Register) -> None:
 
 
 @hookspec
+def register_objectives(register: Register) -> None:
+    """Register training objectives a recipe's stage can name: ``factory(**options) -> Objective``."""
+
+
+@hookspec
 def register_recipes(register: Register) -> None:
     """Register YAML recipes: ``register(name, path_to_yaml, description=...)``."""
 

@@ -1,4 +1,4 @@
-"""The contract every plugin fulfils: Encoder, Bridge and LanguageModel.
+"""The contract every plugin fulfils: Encoder, Bridge, LanguageModel, and the Objective a stage trains.
 
 The data path runs one way::
 
@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import abc
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import nn
 
-__all__ = ["BridgeOutput", "Bridge", "Encoder", "LMBatch", "LanguageModel"]
+if TYPE_CHECKING:
+    from blipkit.config import Recipe, StageConfig
+    from blipkit.data.sample import Sample
+    from blipkit.model.vlm import VisionLanguageModel
+
+__all__ = ["BridgeOutput", "Bridge", "Encoder", "LMBatch", "LanguageModel", "Objective"]
 
 
 class Encoder(nn.Module, abc.ABC):
@@ -170,3 +176,62 @@ class LanguageModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def generate(self, prefix_embeds: torch.Tensor, prompts: list[str], **generation: Any) -> list[str]:
         """Generate text after [prefix][prompt] through transformers' generate with max_new_tokens."""
+
+
+class Objective(abc.ABC):
+    """How a training stage trains a model: which parts learn, how samples become batches, the loss, work
+    before the stage's first step, and how an inference prefix is built.
+
+    A plugin registers one through ``register_objectives`` as ``factory(**options) -> Objective``; a
+    recipe's stage names it (``stages: [{objective: NAME, options: {...}, steps: ...}]``) and its
+    ``options`` reach the factory. Only ``collator`` and ``loss`` are required; docs/plugins.md says
+    when to override the rest.
+    """
+
+    #: Whether the stage needs the language model and the projection (loaded before the stage starts).
+    uses_language_model: ClassVar[bool] = True
+    #: The sample tasks (``caption``, ``vqa``, or a dataset plugin's own) it trains on; None: any.
+    tasks: ClassVar[frozenset[str] | None] = None
+    #: What the validation split is scored on after the stage: ``retrieval``, ``caption``, ``vqa``.
+    evaluates: ClassVar[tuple[str, ...]] = ()
+
+    def applies_to(self, model: VisionLanguageModel) -> bool:
+        """Whether this model can train with the objective; a stage whose objective does not apply (a
+        bridge without the heads it needs) is skipped with a message."""
+        return True
+
+    def trainable(self, model: VisionLanguageModel) -> dict[str, nn.Module]:
+        """The parts that learn, by the names ``lr_scale`` uses (``bridge``, ``projection``, ``llm``): the
+        bridge and the projection, and the LLM when it has trainable (LoRA) parameters. The runner makes
+        every parameter of the bridge and projection trainable unless they carry LoRA adapters, and
+        gives the trainable ones to the optimizer."""
+        parts: dict[str, nn.Module] = {"bridge": model.bridge}
+        if model.projection is not None:
+            parts["projection"] = model.projection
+        if model.llm is not None and any(p.requires_grad for p in model.llm.parameters()):
+            parts["llm"] = model.llm
+        return parts
+
+    @abc.abstractmethod
+    def collator(self, model: VisionLanguageModel, recipe: Recipe) -> Callable[[Sequence[Sample | None]], dict[str, Any]]:
+        """The function that turns a list of samples (None for one whose image failed) into a batch with
+        ``size`` (rows kept) and whatever ``loss`` reads."""
+
+    @abc.abstractmethod
+    def loss(self, model: VisionLanguageModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's losses: ``loss`` (what is minimised, a mean over the batch's items) and any parts
+        of it or metrics to log, by name."""
+
+    def items(self, batch: dict[str, Any]) -> int:
+        """How many items ``loss``'s mean averages over (rows by default); several processes and
+        accumulated micro-batches are weighted by it, so that they compute one pass's gradient."""
+        return int(batch["size"])
+
+    def prepare(self, model: VisionLanguageModel, data: Any, recipe: Recipe, stage: StageConfig, quiet: bool) -> Any:
+        """Work before a fresh stage's first step (not on resume), e.g. a warm start; returns what the
+        run should report, or None."""
+        return None
+
+    def prefix(self, model: VisionLanguageModel, image_tokens: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The LLM's visual prefix [B, Q, D_llm] for encoder tokens and their prompts, at inference."""
+        return model.prefix(image_tokens)[0]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pluggy
 
-from blipkit import hookspecs
+import blipkit.hookspecs as hookspecs
 from blipkit.errors import BlipkitError, one_line
 from blipkit.registry import Registry
 
@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "blipkit.plugins.llms.tiny",
     "blipkit.plugins.bridges.qformer",
     "blipkit.plugins.bridges.projectors",
+    "blipkit.plugins.objectives.language_modeling",
     "blipkit.plugins.datasets.formats",
     "blipkit.plugins.datasets.shapes",
     "blipkit.plugins.checkpoints.blip2",
@@ -51,6 +52,7 @@ REGISTRY_HOOKS = {
     "bridges": ("register_bridges", "bridge"),
     "llms": ("register_language_models", "llm"),
     "datasets": ("register_datasets", "dataset"),
+    "objectives": ("register_objectives", "objective"),
     "recipes": ("register_recipes", "recipe"),
 }
 
@@ -71,6 +73,7 @@ class Registries:
     bridges: Registry
     llms: Registry
     datasets: Registry
+    objectives: Registry
     recipes: Registry
 
     def by_name(self, attr: str) -> Registry:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blipkit.data.collate import Collator, stable_id
+from blipkit.data.collate import Collator, LanguageModelText, stable_id
 from blipkit.data.sample import Sample
 from blipkit.plugin_manager import registries
 
@@ -31,7 +31,7 @@ def _decode(tokenizer, ids) -> str:
 def test_decoder_only_labels_cover_target_and_eos_only() -> None:
     llm = registries().llms.create("tiny-llama")
     tok = llm.tokenizer
-    collate = Collator("stage2", _preprocess, llm_tokenize=llm.tokenize, vqa_prompt="Question: {} Answer:".format)
+    collate = Collator(_preprocess, LanguageModelText(llm.tokenize, vqa_prompt="Question: {} Answer:".format))
     batch = collate(_samples())
     assert batch["dropped"] == 1 and batch["size"] == 2
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
@@ -51,7 +51,7 @@ def test_decoder_only_labels_cover_target_and_eos_only() -> None:
 def test_vqa_loss_ignores_the_question() -> None:
     """The loss is the cross-entropy over the answer (and EOS) positions alone, recomputed in float64."""
     llm = registries().llms.create("tiny-llama")
-    collate = Collator("stage2", _preprocess, llm_tokenize=llm.tokenize)
+    collate = Collator(_preprocess, LanguageModelText(llm.tokenize))
     batch = collate([_samples()[2]])["lm"]
     prefix = torch.randn(1, 3, llm.hidden_size)
     loss = llm.loss(prefix, batch)
@@ -68,8 +68,8 @@ def test_vqa_loss_ignores_the_question() -> None:
 def test_encoder_decoder_prefix_lm_split() -> None:
     llm = registries().llms.create("tiny-t5")
     tok = llm.tokenizer
-    collate = Collator("stage2", _preprocess, llm_tokenize=llm.tokenize, prefix_lm=True,
-                       vqa_prompt="Question: {} Short answer:".format)
+    collate = Collator(_preprocess, LanguageModelText(llm.tokenize, vqa_prompt="Question: {} Short answer:".format,
+                                                      prefix_lm=True))
     caption = Sample(Image.new("RGB", (8, 8)), "a big red circle left of a blue square", image_id="x")
     seen_splits = set()
     for _ in range(8):
@@ -90,7 +90,9 @@ def test_encoder_decoder_prefix_lm_split() -> None:
 def test_stage1_text_is_truncated_to_max_length() -> None:
     bridge = registries().bridges.create("qformer", input_dim=16, init="random", num_queries=2, num_layers=2,
                                          hidden_size=32, num_heads=4, intermediate_size=64)
-    collate = Collator("stage1", _preprocess, bridge_tokenize=bridge.tokenize, max_text_length=8)
+    from blipkit.plugins.bridges.qformer.pretraining import QFormerText
+
+    collate = Collator(_preprocess, QFormerText(bridge.tokenize, max_length=8))
     long = Sample(Image.new("RGB", (8, 8)), " ".join(["red circle"] * 20), image_id="a")
     short = Sample(Image.new("RGB", (8, 8)), "a blue square", image_id="b")
     batch = collate([long, short, Sample(Image.new("RGB", (8, 8)), "a red circle", image_id="a")])
@@ -103,7 +105,7 @@ def test_cached_tokens_replace_pixels() -> None:
     tokens = torch.randn(5, 7)
     sample = Sample(None, "a red circle", image_id="a", image_tokens=tokens)
     llm = registries().llms.create("tiny-llama")
-    batch = Collator("stage2", _preprocess, llm_tokenize=llm.tokenize)([sample, sample])
+    batch = Collator(_preprocess, LanguageModelText(llm.tokenize))([sample, sample])
     assert "pixel_values" not in batch
     torch.testing.assert_close(batch["image_tokens"], torch.stack([tokens, tokens]))
 

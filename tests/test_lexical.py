@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blipkit.config import load_recipe, validate_recipe
-from blipkit.data.collate import Collator
+from blipkit.data.collate import Collator, LanguageModelText
 from blipkit.errors import ConfigError, DataError
 from blipkit.model.build import add_language_model, build_model
 from blipkit.plugins.bridges.projectors import LinearProjector, MLPProjector
@@ -81,7 +81,7 @@ def test_fit_equals_a_float64_ridge_solution_and_reports_its_r2(tmp_path: Path, 
     fit = lexical_init(model, dataset, recipe, ridge=ridge, quiet=True)
 
     captions = [i for i, r in enumerate(dataset.records) if r.task == "caption"]
-    collator = Collator("stage2", model.encoder.preprocess, llm_tokenize=model.llm.tokenize, caption_prompt="A picture of")
+    collator = Collator(model.encoder.preprocess, LanguageModelText(model.llm.tokenize, caption_prompt="A picture of"))
     batch = collator([dataset[i] for i in captions])
     model.eval()
     with torch.no_grad():

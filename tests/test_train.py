@@ -258,3 +258,42 @@ def test_gradient_checkpointing_gives_the_same_loss(tmp_path: Path) -> None:
     train(load_recipe("tiny", [*base, "gradient_checkpointing=true"]), output=tmp_path / "ckpt", quiet=True)
     plain, ckpt = _metrics(tmp_path / "plain"), _metrics(tmp_path / "ckpt")
     assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-4)
+
+
+def test_a_run_saved_with_the_stage_shorthand_resumes_and_loads(tmp_path: Path) -> None:
+    """Runs written before recipes listed their stages hold ``stage1``/``stage2`` in blipkit.json: they
+    resume (to the weights of an uninterrupted run) and load."""
+    recipe = load_recipe("tiny")
+    whole = tmp_path / "whole"
+    train(recipe, output=whole, quiet=True)
+    parts = tmp_path / "parts"
+    train(recipe, output=parts, stop_after=5, quiet=True)
+    meta = json.loads((parts / "blipkit.json").read_text())
+    saved = meta["recipe"]
+    for stage in saved.pop("stages"):
+        name = stage.pop("name")
+        for key in ("objective", "options"):
+            stage.pop(key)
+        saved[name] = stage
+    (parts / "blipkit.json").write_text(json.dumps(meta))
+    result = CliRunner().invoke(cli, ["train", "--resume", str(parts), "-q"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    expected, got = _weights(whole), _weights(parts)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert [s.name for s in blipkit.load(parts).recipe.stages] == ["stage1", "stage2"]
+
+
+def test_stages_list_their_objectives(tmp_path: Path) -> None:
+    """A recipe may list its stages; each names its objective, and the run trains them in order."""
+    listed = ["~stage1", "~stage2", "stages=[{objective: lm, name: captions, steps: 2, tasks: [caption]},"
+              " {objective: lm, name: answers, steps: 1, tasks: [vqa], lr: 1.0e-3}]"]
+    result = train(load_recipe("tiny", listed), output=tmp_path / "run", quiet=True)
+    assert list(result.final) == ["captions", "answers"]
+    assert [(r["stage"], r["step"]) for r in _metrics(tmp_path / "run")] == [("captions", 1), ("captions", 2), ("answers", 1)]
+    with pytest.raises(ConfigError, match=r"^stages\.0\.objective: name the objective"):
+        load_recipe("tiny", ["~stage1", "~stage2", "stages=[{steps: 2}]"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_recipe("tiny", ["stages=[{objective: lm}]"])
+    with pytest.raises(ConfigError, match=r"^captions\.tasks: objective 'lm' trains on caption, vqa, not ocr"):
+        load_recipe("tiny", ["~stage1", "~stage2", "stages=[{objective: lm, name: captions, tasks: [ocr]}]"])

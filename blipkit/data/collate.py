@@ -1,4 +1,4 @@
-"""Collation: a list of Samples -> one batch for a training stage."""
+"""Collation: a list of Samples -> one batch of images (or their cached tokens) and the text an objective reads."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from blipkit.data.sample import Sample
+from blipkit.interfaces import LMBatch
 
-__all__ = ["Collator", "sample_prompt", "stable_id"]
+__all__ = ["Collator", "LanguageModelText", "sample_prompt", "stable_id"]
 
 
 def stable_id(image_id: str) -> int:
@@ -26,30 +27,16 @@ def sample_prompt(sample: Sample, caption_prompt: str, vqa_prompt: Callable[[str
 
 
 class Collator:
-    """Build batches for ``stage1`` (pixels + Q-Former text) or ``stage2`` (pixels + LLM tokens).
+    """Build one batch: ``pixel_values`` (or the samples' cached ``image_tokens``), ``image_ids``,
+    ``image_keys`` (stable integers of the ids), and whatever ``text(samples)`` returns.
 
-    ``None`` entries (samples whose image failed to load) are dropped and counted in ``batch["dropped"]``.
+    ``None`` entries (samples whose image failed to load) are dropped and counted in ``batch["dropped"]``;
+    ``batch["size"]`` is the number kept.
     """
 
-    def __init__(
-        self,
-        stage: str,
-        preprocess: Callable[[Any], torch.Tensor],
-        bridge_tokenize: Callable[..., Any] | None = None,
-        llm_tokenize: Callable[..., Any] | None = None,
-        caption_prompt: str = "",
-        vqa_prompt: Callable[[str], str] = "Question: {} Answer:".format,
-        max_text_length: int = 32,
-        prefix_lm: bool = False,
-    ) -> None:
-        self.stage = stage
+    def __init__(self, preprocess: Callable[[Any], torch.Tensor], text: Callable[[list[Sample]], dict[str, Any]]) -> None:
         self.preprocess = preprocess
-        self.bridge_tokenize = bridge_tokenize
-        self.llm_tokenize = llm_tokenize
-        self.caption_prompt = caption_prompt
-        self.vqa_prompt = vqa_prompt
-        self.max_text_length = max_text_length
-        self.prefix_lm = prefix_lm
+        self.text = text
 
     def __call__(self, samples: Sequence[Sample | None]) -> dict[str, Any]:
         kept = [s for s in samples if s is not None]
@@ -62,9 +49,26 @@ class Collator:
             batch["pixel_values"] = torch.stack([self.preprocess(s.image) for s in kept])
         batch["image_ids"] = [s.image_id for s in kept]
         batch["image_keys"] = torch.tensor([stable_id(s.image_id) for s in kept], dtype=torch.long)
-        if self.stage == "stage1":
-            batch["bridge_text"] = self.bridge_tokenize([s.text for s in kept], max_length=self.max_text_length)
-        else:
-            prompts = [sample_prompt(s, self.caption_prompt, self.vqa_prompt) for s in kept]
-            batch["lm"] = self.llm_tokenize(prompts, [s.text for s in kept], prefix_lm=self.prefix_lm)
+        batch.update(self.text(kept))
         return batch
+
+
+class LanguageModelText:
+    """The LLM's tokens of each sample (``{"lm": LMBatch}``): its prompt (the caption prompt, or the question
+    in the VQA template) and its target text, through the language model's own ``tokenize``."""
+
+    def __init__(
+        self,
+        llm_tokenize: Callable[..., LMBatch],
+        caption_prompt: str = "",
+        vqa_prompt: Callable[[str], str] = "Question: {} Answer:".format,
+        prefix_lm: bool = False,
+    ) -> None:
+        self.llm_tokenize = llm_tokenize
+        self.caption_prompt = caption_prompt
+        self.vqa_prompt = vqa_prompt
+        self.prefix_lm = prefix_lm
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Any]:
+        prompts = [sample_prompt(s, self.caption_prompt, self.vqa_prompt) for s in samples]
+        return {"lm": self.llm_tokenize(prompts, [s.text for s in samples], prefix_lm=self.prefix_lm)}

@@ -374,6 +374,7 @@ class CachedFeatureDataset(Dataset):
         self.keys = keys
         self.records = dataset.records
         self.name = dataset.name
+        self.split = dataset.split
         self.tasks = dataset.tasks
         self.skipped = dataset.skipped
         if None in keys:

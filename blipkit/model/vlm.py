@@ -12,7 +12,7 @@ from torch import nn
 
 from blipkit.config import Recipe
 from blipkit.errors import BlipkitError
-from blipkit.interfaces import Bridge, Encoder, LanguageModel
+from blipkit.interfaces import Bridge, Encoder, LanguageModel, Objective
 from blipkit.model.persistence import save_weights, write_meta
 
 __all__ = ["ImageInput", "VisionLanguageModel"]
@@ -84,15 +84,10 @@ class VisionLanguageModel(nn.Module):
         dtype = next(self.llm.parameters()).dtype
         return projected.queries.to(dtype), aux
 
-    def forward(self, batch: dict[str, Any], objective: str) -> dict[str, torch.Tensor]:
-        """Losses of one batch: ``objective`` is ``stage1`` (Q-Former objectives) or ``stage2`` (LM loss)."""
-        tokens = self.batch_tokens(batch)
-        mask = batch.get("image_mask")
-        if objective == "stage1":
-            return self.bridge.stage1_loss(tokens, batch["bridge_text"], image_mask=mask, image_ids=batch.get("image_keys"))
-        prefix, aux = self.prefix(tokens, mask)
-        lm_loss = self.llm.loss(prefix, batch["lm"].to(self.device))
-        return {"loss": lm_loss + aux, "lm": lm_loss.detach(), "aux": aux.detach()}
+    def forward(self, batch: dict[str, Any], objective: Objective) -> dict[str, torch.Tensor]:
+        """Losses of one batch under a training ``objective`` (called through ``__call__``, so that DDP and
+        FSDP wrappers see the forward pass)."""
+        return objective.loss(self, batch)
 
     def pixel_values(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
         """Preprocess paths, PIL images or tensors into a batch [B, 3, S, S]."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from blipkit.config import Recipe
-from blipkit.data.collate import Collator
+from blipkit.data.collate import Collator, LanguageModelText
 from blipkit.errors import ConfigError, DataError
 from blipkit.model.vlm import VisionLanguageModel
 from blipkit.train.feedback import CountProgress
@@ -34,6 +34,9 @@ class LexicalFit:
     samples: int
     features: int
     r2: float
+
+    def __str__(self) -> str:
+        return f"projection fitted to spell {self.samples} captions (lexical init, R2 {self.r2:.3f})"
 
 
 def spelled_targets(embeddings: torch.Tensor, labels: torch.Tensor, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,11 +86,8 @@ def lexical_init(
         order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(recipe.seed))
         captions = sorted(captions[i] for i in order[:max_samples].tolist())
     collator = Collator(
-        "stage2",
         model.encoder.preprocess if model.encoder is not None else None,
-        llm_tokenize=llm.tokenize,
-        caption_prompt=recipe.data.caption_prompt,
-        max_text_length=recipe.data.max_text_length,
+        LanguageModelText(llm.tokenize, caption_prompt=recipe.data.caption_prompt),
     )
     was_training = model.training
     model.eval()

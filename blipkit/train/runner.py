@@ -21,20 +21,21 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from blipkit.config import Recipe, StageConfig
-from blipkit.data.collate import Collator
+from blipkit.config import SHORTHAND_STAGES, Recipe, StageConfig
 from blipkit.data.dataset import CORRUPT_IMAGE
 from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
 from blipkit.distributed import Ranks
 from blipkit.errors import ConfigError, PeerLostError, one_line
+from blipkit.interfaces import Objective
 from blipkit.io import atomic_write_text, cache_dir, read_json
 from blipkit.model.build import add_language_model, build_model
+from blipkit.model.lora import has_lora
 from blipkit.model.persistence import META_FILE, load_weights
 from blipkit.model.vlm import VisionLanguageModel
+from blipkit.plugin_manager import registries
 from blipkit.train.checkpoint import Checkpointer, ResumePoint, append_metrics, open_run_dir
 from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
-from blipkit.train.lexical import LexicalFit, lexical_init
-from blipkit.model.lora import has_lora
+from blipkit.train.lexical import LexicalFit
 from blipkit.train.memory import reuse_freed_memory
 from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
 from blipkit.train.processes import (
@@ -51,7 +52,6 @@ from blipkit.train.state import load_trainer_state, restore_rng, rng_state
 __all__ = ["TrainResult", "cached_features", "open_dataset", "run_dir_for", "train"]
 
 logger = logging.getLogger(__name__)
-STAGES = ("stage1", "stage2")
 
 
 @dataclass
@@ -64,9 +64,14 @@ class TrainResult:
     completed: bool = True
     feature_cache: Path | None = None
     validation: dict[str, dict[str, Any]] = field(default_factory=dict)
-    projection_fit: LexicalFit | None = None
+    prepared: dict[str, Any] = field(default_factory=dict)
     is_main: bool = True
     processes: int = 1
+
+    @property
+    def projection_fit(self) -> LexicalFit | None:
+        """The lexical warm start's fit, when a stage ran one."""
+        return next((report for report in self.prepared.values() if isinstance(report, LexicalFit)), None)
 
 
 def run_dir_for(recipe: Recipe, output: str | Path | None) -> Path:
@@ -76,8 +81,6 @@ def run_dir_for(recipe: Recipe, output: str | Path | None) -> Path:
 
 def open_dataset(name: str, split: str, options: dict[str, Any]) -> Any:
     """Build a dataset through the dataset registry (a format name, ``prefix:source`` or a path)."""
-    from blipkit.plugin_manager import registries
-
     return registries().datasets.create(name, split=split, **options)
 
 
@@ -139,50 +142,52 @@ class _Trainer:
             self.result.feature_cache = training_data.cache.path
         validation_data = self._validation_data(model)
         budget = stop_after
-        for number, stage_name in enumerate(STAGES):
-            stage = getattr(recipe, stage_name)
-            if stage is None or stage_name in completed:
+        for number, stage in enumerate(recipe.stages):
+            if stage.name in completed:
                 continue
-            if stage_name == "stage1" and not model.bridge.supports_stage1:
-                logger.info("bridge '%s' has no stage-1 objective: skipping stage 1", recipe.bridge.name)
+            objective = registries().objectives.create(stage.objective, **stage.options)
+            if not objective.applies_to(model):
+                logger.info("bridge '%s' cannot train with objective '%s': skipping %s", recipe.bridge.name, stage.objective, stage.name)
                 continue
-            steps_done, start = self._stage(model, training_data, stage_name, number, resume_from, completed, budget)
+            steps_done, start = self._stage(model, training_data, stage, objective, _seed_offset(stage, number),
+                                            resume_from, completed, budget)
             if budget is not None:
                 budget -= steps_done - start
             if steps_done < stage.steps:
                 self.result.completed = False
                 break
-            completed.append(stage_name)
+            completed.append(stage.name)
             resume_from = None
             if _is_sharded(self.accelerator):
-                model = self._unsharded(with_llm=stage_name == "stage2")
+                model = self._unsharded(with_llm=model.llm is not None)
             if validation_data is not None:
-                self._validate(model, validation_data, stage_name)
+                self._validate(model, validation_data, stage, objective)
         self._finish(training_data)
         return self.result
 
-    def _stage(self, model: VisionLanguageModel, data: Any, stage_name: str, number: int,
+    def _stage(self, model: VisionLanguageModel, data: Any, stage: StageConfig, objective: Objective, number: int,
                resume_from: ResumePoint | None, completed: list[str], budget: int | None) -> tuple[int, int]:
-        """Build, restore and train one stage; returns (steps done, step it started from)."""
-        stage = getattr(self.recipe, stage_name)
+        """Build, restore, prepare and train one stage; returns (steps done, step it started from)."""
         _follow_main_rng(self.ranks)
-        if stage_name == "stage2":
+        if objective.uses_language_model and model.llm is None:
             with self.accelerator.main_process_first():
                 add_language_model(model, self.recipe, frozen_dtype=frozen_dtype(self.accelerator))
         start_step, state = 0, None
         if resume_from is not None:
             progress, checkpoint = resume_from
             load_weights(model, checkpoint)
-            if progress["stage"] == stage_name:
+            if progress["stage"] == stage.name:
                 state = load_trainer_state(checkpoint / "trainer_state", rank=self.ranks.rank)
                 start_step = progress["step"]
-        if stage_name == "stage2" and stage.projection_init == "lexical" and state is None:
-            self.result.projection_fit = lexical_init(model, data, self.recipe, quiet=self.quiet)
-        if state is None and self.ranks.rank > 0:
-            _decorrelate(self.recipe.seed, self.ranks.rank, number)
-        loop = _StageLoop(self, model, data, stage_name, stage)
+        if state is None:
+            report = objective.prepare(model, data, self.recipe, stage, self.quiet)
+            if report is not None:
+                self.result.prepared[stage.name] = report
+            if self.ranks.rank > 0:
+                _decorrelate(self.recipe.seed, self.ranks.rank, number)
+        loop = _StageLoop(self, model, data, stage, objective, number)
         steps_done, final = loop.run(start_step, state, completed, budget)
-        self.result.final[stage_name] = final
+        self.result.final[stage.name] = final
         self.accelerator.free_memory()
         return steps_done, start_step
 
@@ -204,10 +209,11 @@ class _Trainer:
             dataset = cached_features(model, dataset, quiet=self.quiet, ranks=self.ranks)
         return dataset
 
-    def _validate(self, model: VisionLanguageModel, dataset: Any, stage_name: str) -> None:
+    def _validate(self, model: VisionLanguageModel, dataset: Any, stage: StageConfig, objective: Objective) -> None:
         """Score the validation split on the main process while the others wait."""
         if self.ranks.is_main:
-            self.result.validation[stage_name] = validate(model, dataset, self.recipe, stage_name, self.run_dir)
+            tasks = [task for task in objective.evaluates if task == "retrieval" or task in dataset.tasks]
+            self.result.validation[stage.name] = validate(model, dataset, tasks, stage, self.run_dir)
         self.ranks.barrier()
 
     def _finish(self, training_data: Any) -> None:
@@ -226,6 +232,12 @@ def _skipped_everywhere(data: Any, ranks: Ranks) -> dict[str, int]:
     everywhere = frozenset().union(*ranks.gather_objects(mine))
     skipped[CORRUPT_IMAGE] += len(everywhere) - len(mine)
     return {reason: count for reason, count in skipped.items() if count}
+
+
+def _seed_offset(stage: StageConfig, number: int) -> int:
+    """What a stage adds to the recipe's seed: its place among the stages, where the stage1/stage2 shorthand
+    keeps its own (so stage 2 alone orders its data as it does after stage 1)."""
+    return list(SHORTHAND_STAGES).index(stage.name) if stage.name in SHORTHAND_STAGES else number
 
 
 def _is_sharded(accelerator: Any) -> bool:
@@ -251,22 +263,25 @@ def _decorrelate(seed: int, rank: int, stage_number: int) -> None:
 class _StageLoop:
     """The optimizer-step loop of one stage on this process."""
 
-    def __init__(self, trainer: _Trainer, model: VisionLanguageModel, data: Any, stage_name: str, stage: StageConfig) -> None:
+    def __init__(self, trainer: _Trainer, model: VisionLanguageModel, data: Any, stage: StageConfig, objective: Objective,
+                 number: int) -> None:
         self.trainer = trainer
         self.accelerator = trainer.accelerator
         self.ranks = trainer.ranks
         self.recipe = trainer.recipe
         self.model = model
         self.data = data
-        self.stage_name = stage_name
+        self.stage_name = stage.name
         self.stage = stage
+        self.objective = objective
+        self.number = number
 
     def run(self, start_step: int, state: dict[str, Any] | None, completed: list[str], budget: int | None) -> tuple[int, dict[str, float]]:
         """Train from ``start_step`` to the stage's end (or ``budget`` steps); returns (steps done, last metrics)."""
         stage, accelerator = self.stage, self.accelerator
         accelerator.gradient_accumulation_steps = stage.grad_accum
         accelerator.step = 0
-        trainable = _trainable_parts(self.model, self.recipe, self.stage_name)
+        trainable = _trainable_parts(self.model, self.objective, self.recipe.gradient_checkpointing)
         optimizer = build_optimizer(trainable, stage)
         scheduler = build_scheduler(optimizer, stage)
         wrapped, optimizer = accelerator.prepare(self.model, optimizer)
@@ -283,7 +298,7 @@ class _StageLoop:
             if state["rng"] is not None:
                 restore_rng(*state["rng"])
             else:
-                _decorrelate(self.recipe.seed + start_step, self.ranks.rank, STAGES.index(self.stage_name))
+                _decorrelate(self.recipe.seed + start_step, self.ranks.rank, self.number)
         end = stage.steps if budget is None else min(stage.steps, start_step + max(0, budget))
         params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
         final: dict[str, float] = {}
@@ -302,22 +317,12 @@ class _StageLoop:
         return max(start_step, end), final
 
     def _loader(self, consumed: int) -> Any:
-        model, recipe, stage = self.model, self.recipe, self.stage
-        llm = model.llm
-        collator = Collator(
-            self.stage_name,
-            model.encoder.preprocess,
-            bridge_tokenize=getattr(model.bridge, "tokenize", None),
-            llm_tokenize=llm.tokenize if llm is not None else None,
-            caption_prompt=recipe.data.caption_prompt,
-            vqa_prompt=model.vqa_prompt,
-            max_text_length=recipe.data.max_text_length,
-            prefix_lm=bool(llm is not None and llm.is_encoder_decoder),
-        )
+        recipe, stage = self.recipe, self.stage
+        collator = self.objective.collator(self.model, recipe)
         sampler = BatchIndexSampler(
             stage_indices(self.data, stage.tasks, stage.task_weights),
             stage.batch_size or recipe.data.batch_size,
-            seed=recipe.seed + STAGES.index(self.stage_name),
+            seed=recipe.seed + self.number,
             start=consumed,
             rank=self.ranks.rank,
             world=self.ranks.world,
@@ -350,7 +355,7 @@ class _StageLoop:
         for batch, weight in zip(micro, weights, strict=True):
             share = weight / total
             with accelerator.accumulate(wrapped):
-                losses = wrapped(batch, self.stage_name)
+                losses = wrapped(batch, self.objective)
                 # accelerate divides by grad_accum and DDP averages over processes: undo both, weigh by share.
                 scale = share * self.ranks.world * stage.grad_accum
                 accelerator.backward(losses["loss"] if scale == 1.0 else losses["loss"] * scale)
@@ -367,47 +372,43 @@ class _StageLoop:
 
     def _items(self, batch: dict[str, Any]) -> int:
         """How many items a micro-batch's mean loss averages over: target tokens for the LM loss, rows otherwise."""
-        return batch["lm"].num_targets() if self.stage_name == "stage2" else batch["size"]
+        return self.objective.items(batch)
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.ranks.is_main and (step % self.recipe.log_every == 0 or step == self.stage.steps):
             append_metrics(self.trainer.run_dir, {"stage": self.stage_name, "step": step, **{k: round(v, 6) for k, v in metrics.items()}})
 
 
-def _trainable_parts(model: VisionLanguageModel, recipe: Recipe, stage_name: str) -> dict[str, torch.nn.Module]:
-    """The parts a stage trains (bridge, projection, LoRA-carrying LLM), made trainable."""
-    trainable = {part: m for part, m in (("bridge", model.bridge), ("projection", model.projection)) if m is not None}
-    for module in trainable.values():
-        if not has_lora(module):
+def _trainable_parts(model: VisionLanguageModel, objective: Objective, gradient_checkpointing: bool) -> dict[str, torch.nn.Module]:
+    """The parts the objective trains, made trainable (all of a part's weights, unless it carries LoRA)."""
+    trainable = objective.trainable(model)
+    for part, module in trainable.items():
+        if part != "llm" and not has_lora(module):
             module.requires_grad_(True)
-    if model.llm is not None and has_lora(model.llm.model):
-        trainable["llm"] = model.llm
-    if recipe.gradient_checkpointing:
+    if gradient_checkpointing and objective.uses_language_model:
         # The LLM's activations dominate memory; the wrapped transformers model knows how to recompute them.
         inner = getattr(model.llm, "model", None)
         if hasattr(inner, "activation_checkpointing_enable"):
             inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif hasattr(inner, "gradient_checkpointing_enable"):
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif stage_name == "stage2":
+        else:
             raise ConfigError("gradient_checkpointing: this language model does not support it; remove the key")
     return trainable
 
 
-def validate(model: VisionLanguageModel, dataset: Any, recipe: Recipe, stage_name: str, run_dir: Path) -> dict[str, Any]:
-    """Score the model on a validation split after a stage: retrieval after stage 1, captions and VQA
-    after stage 2 (greedy decoding); predictions go to run/eval-validation/<stage>/, scores to metrics.jsonl."""
+def validate(model: VisionLanguageModel, dataset: Any, tasks: list[str], stage: StageConfig, run_dir: Path) -> dict[str, Any]:
+    """Score the model on a validation split after a stage on ``tasks`` (retrieval, caption, vqa; greedy
+    decoding); predictions go to run/eval-validation/<stage>/, scores to metrics.jsonl."""
     from blipkit.eval.evaluate import evaluate, write_results
 
-    tasks = ["retrieval"] if stage_name == "stage1" else [t for t in ("caption", "vqa") if t in dataset.tasks]
     scores: dict[str, Any] = {}
     model.eval()
     for task in tasks:
         outcome = evaluate(model, dataset, task, generation={"num_beams": 1})
-        write_results(outcome, run_dir / "eval-validation" / stage_name)
+        write_results(outcome, run_dir / "eval-validation" / stage.name)
         scores.update({f"{task}/{k}": v for k, v in outcome.scores.items() if isinstance(v, (int, float))})
-    split = recipe.data.validation.split if recipe.data.validation is not None else "validation"
-    append_metrics(run_dir, {"stage": stage_name, "step": getattr(recipe, stage_name).steps, "split": split, **scores})
+    append_metrics(run_dir, {"stage": stage.name, "step": stage.steps, "split": dataset.split, **scores})
     return scores
 
 

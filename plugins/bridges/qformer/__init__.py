@@ -1,6 +1,7 @@
 """The BLIP-2 Q-Former bridge: registers ``qformer`` (LAVIS-faithful, with the stage-1 heads).
 
-The model lives in ``model``; stage-1 losses in ``objectives``; BERT init and tokenizers in ``init``;
+The model lives in ``model``; stage-1 losses in ``objectives``, and the training objective that runs them
+(``blip2-stage1``) in ``pretraining``; BERT init and tokenizers in ``init``;
 imports of transformers/LAVIS checkpoints in ``weights``. Heavy modules load on first use.
 """
 
@@ -80,6 +81,20 @@ def _from_pretrained(path: str) -> QFormer:
 
 
 qformer.from_pretrained = _from_pretrained
+
+
+@hookimpl
+def register_objectives(register: Register) -> None:
+    """Register ``blip2-stage1``, the Q-Former's stage-1 objective."""
+    from .pretraining import QFormerPretraining
+
+    register(
+        "blip2-stage1",
+        QFormerPretraining,
+        aliases=("qformer-stage1", "image-text"),
+        description="BLIP-2 stage 1: the Q-Former alone on image-text pairs, ITC + ITM + ITG (bridge.options.objectives picks)",
+        kind="objective",
+    )
 
 
 @hookimpl

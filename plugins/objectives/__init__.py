@@ -1,0 +1,1 @@
+"""Built-in training objectives a recipe's stage can name."""
