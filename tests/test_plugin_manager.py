@@ -167,3 +167,30 @@ def test_example_plugin_installs_and_is_listed(tmp_path: Path) -> None:
     info = json.loads(loaded.stdout)
     assert info["name"] == "patch-mean"
     assert info["loaded"]["num_tokens"] == 64 and info["loaded"]["feature_dim"] == 32
+
+
+@pytest.mark.slow
+def test_example_objective_plugin_trains_a_stage(tmp_path: Path) -> None:
+    """The example objective under examples/ installs with pip, registers through its entry point, and a
+    recipe's stage trains with it; nothing in blipkit's source names it."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "blipkit-example-objective"
+    target = tmp_path / "target"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(example)],
+        check=True, capture_output=True,
+    )
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "BLIPKIT_CACHE": str(tmp_path / "cache")}
+    stages = ("stages=[{objective: prefix-contrastive, name: align, steps: 3, lr: 1.0e-3, options: {temperature: 0.1}},"
+              " {objective: lm, name: captions, steps: 2, lr: 1.0e-3}]")
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "blipkit", "train", "tiny", "~stage1", "~stage2", stages, "log_every=1", "-o", str(run), "-q"],
+        env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "align: loss" in done.stdout and "captions: loss" in done.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [("align", 1), ("align", 2), ("align", 3), ("captions", 1), ("captions", 2)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["contrastive"] == r["loss"] for r in rows[:3])
+    source = Path(__file__).resolve().parents[1]
+    assert not any("prefix-contrastive" in path.read_text() for folder in ("blipkit", "plugins") for path in (source / folder).rglob("*.py"))
