@@ -20,7 +20,7 @@ import torch
 import blipkit
 from blipkit.config import load_recipe
 from blipkit.eval.evaluate import evaluate, write_results
-from blipkit.eval.shapes import SHAPES, mentions
+from blipkit.plugins.datasets.shapes_scoring import SHAPE_WORDS, mentions
 from blipkit.eval.vqa import normalize_answer
 from blipkit.train.runner import cached_features, open_dataset, train
 
@@ -31,7 +31,7 @@ CHANCE_CAPTION_SINGLE = 1 / 18
 
 def question_type(answer: str) -> str:
     """``count``, ``shape`` or ``colour``: what a shapes question asks, read off its answer."""
-    return "count" if answer.isdigit() else "shape" if answer in SHAPES else "colour"
+    return "count" if answer.isdigit() else "shape" if answer in SHAPE_WORDS else "colour"
 
 
 def breakdown(captions: list[dict], answers: list[dict]) -> dict[str, float]:

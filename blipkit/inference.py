@@ -49,7 +49,7 @@ def retrieve_images(
     if not kept:
         raise BlipkitError("none of the images could be read; nothing to search")
     all_tokens = torch.cat(tokens)
-    bridge = model.stage1_bridge()
+    bridge = model.retrieval_bridge()
     with torch.no_grad():
         image_embeds = torch.cat([bridge.image_embeds(chunk.to(model.device)) for chunk in all_tokens.split(batch_size)])
         similarity = model.similarity(image_embeds, model.embed_texts([text]))[:, 0].cpu()

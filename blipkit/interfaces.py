@@ -74,12 +74,22 @@ class Bridge(nn.Module, abc.ABC):
     Serves in two slots: as the bridge over encoder tokens, and as the projection from bridge outputs
     into the LLM's embedding space. ``config`` holds the constructor keyword arguments, so that
     ``save_pretrained`` / ``from_pretrained`` round-trip any bridge exactly.
+
+    Optional parts (docs/plugins.md): ``supports_stage1`` (it has stage-1 heads an objective trains),
+    ``aux_loss_weight`` (how much of ``BridgeOutput.aux_loss`` the training loss adds),
+    ``lora_always_trainable`` (parameter-name patterns that keep training under LoRA), ``readout`` /
+    ``set_readout`` (a linear read-out a warm start can fit), and retrieval: ``supports_retrieval`` with
+    ``image_embeds``, ``text_embeds``, ``similarity``, and ``has_itm`` with ``itm_score``.
     """
 
     output_dim: int
     num_queries: int | None
     config: dict[str, Any]
     supports_stage1: ClassVar[bool] = False
+    supports_retrieval: ClassVar[bool] = False
+    has_itm: bool = False
+    aux_loss_weight: float = 0.0
+    lora_always_trainable: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def forward(
@@ -102,6 +112,27 @@ class Bridge(nn.Module, abc.ABC):
     def set_readout(self, weight: torch.Tensor) -> None:
         """Install the read-out matrix ``weight`` [F, output_dim] described by ``readout``."""
         raise NotImplementedError(f"{type(self).__name__} has no linear read-out")
+
+    def image_embeds(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised image features in the image-text space [B, Q, E] (with ``supports_retrieval``)."""
+        raise self._cannot("embed images for retrieval")
+
+    def text_embeds(self, text: Sequence[str] | Any) -> torch.Tensor:
+        """Normalised text features in the image-text space [B, E] (with ``supports_retrieval``)."""
+        raise self._cannot("embed texts for retrieval")
+
+    def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Image-text similarity [n_images, n_texts] of embeddings from ``image_embeds`` and ``text_embeds``."""
+        raise self._cannot("compare images and texts")
+
+    def itm_score(self, image_tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Image-text matching logit of each row-aligned (image, text) pair [B] (with ``has_itm``)."""
+        raise self._cannot("score image-text pairs")
+
+    def _cannot(self, what: str) -> Exception:
+        from blipkit.errors import BlipkitError
+
+        return BlipkitError(f"bridge {type(self).__name__} cannot {what}; retrieval needs a bridge with image-text heads, such as a Q-Former trained with stage 1")
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` into the directory ``path``."""
@@ -176,6 +207,11 @@ class LanguageModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def generate(self, prefix_embeds: torch.Tensor, prompts: list[str], **generation: Any) -> list[str]:
         """Generate text after [prefix][prompt] through transformers' generate with max_new_tokens."""
+
+    def lora_targets(self) -> list[str] | None:
+        """The module names LoRA adapts by default (``llm.lora`` without ``target_modules``); None when the
+        model names none, and the recipe must."""
+        return None
 
 
 class Objective(abc.ABC):

@@ -10,7 +10,7 @@ import pytest
 import blipkit
 from blipkit.config import load_recipe
 from blipkit.eval.evaluate import evaluate
-from blipkit.eval.shapes import mentions, shapes_caption_correct
+from blipkit.plugins.datasets.shapes_scoring import mentions, shapes_caption_correct
 from blipkit.train.runner import cached_features, open_dataset, train
 
 CHANCE_SHAPE = 1 / 3

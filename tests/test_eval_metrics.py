@@ -13,12 +13,11 @@ from blipkit.eval import (
     normalize_answer,
     rerank_topk,
     retrieval_recall,
-    shapes_caption_accuracy,
-    shapes_caption_correct,
     tokenize_caption,
     vqa_accuracy,
     vqa_scores,
 )
+from blipkit.plugins.datasets.shapes_scoring import COLOR_WORDS, SHAPE_WORDS, shapes_caption_accuracy, shapes_caption_correct
 
 # ----------------------------------------------------------------------------------------------- VQA accuracy
 
@@ -345,7 +344,9 @@ def test_two_shape_captions(caption: str, correct: bool) -> None:
 
 
 def test_shapes_dataset_captions_are_correct_and_swaps_are_not() -> None:
-    from blipkit.plugins.datasets.shapes import make_specs
+    from blipkit.plugins.datasets.shapes import COLORS, SHAPES, make_specs
+
+    assert set(COLORS) == COLOR_WORDS and set(SHAPES) == SHAPE_WORDS, "the scorer knows the generator's words"
 
     specs = make_specs("validation", 40, seed=1)
     objects = [[{"color": s.color, "shape": s.shape} for s in spec.shapes] for spec in specs]

@@ -13,6 +13,7 @@ from blipkit.errors import BlipkitError, ConfigError, DataError
 from blipkit.io import load_safetensors
 from blipkit.plugin_manager import registries
 from blipkit.model import lora
+from blipkit.plugins.llms._hf import default_lora_targets
 from blipkit.model.lora import LoraSettings
 
 SETTINGS = LoraSettings(r=4, alpha=8, dropout=0.0)
@@ -130,19 +131,19 @@ def test_default_llm_targets_per_architecture() -> None:
     from transformers import LlamaConfig, OPTConfig, Qwen2Config, T5Config
 
     attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert lora.default_llm_targets(LlamaConfig()) == attention
-    assert lora.default_llm_targets(Qwen2Config()) == attention
-    assert lora.default_llm_targets(OPTConfig()) == ["q_proj", "k_proj", "v_proj", "out_proj"]
-    assert lora.default_llm_targets(T5Config()) == ["q", "k", "v", "o"]
-    assert lora.default_llm_targets(registries().llms.create("tiny-t5")) == ["q", "k", "v", "o"]
-    assert lora.default_llm_targets(registries().llms.create("tiny-llama").model) == attention
+    assert default_lora_targets(LlamaConfig()) == attention
+    assert default_lora_targets(Qwen2Config()) == attention
+    assert default_lora_targets(OPTConfig()) == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    assert default_lora_targets(T5Config()) == ["q", "k", "v", "o"]
+    assert default_lora_targets(registries().llms.create("tiny-t5")) == ["q", "k", "v", "o"]
+    assert default_lora_targets(registries().llms.create("tiny-llama").model) == attention
 
 
 def test_default_llm_targets_unknown_model_type() -> None:
     from transformers import GPT2Config
 
     with pytest.raises(ConfigError) as info:
-        lora.default_llm_targets(GPT2Config())
+        default_lora_targets(GPT2Config())
     message = str(info.value)
     assert "\n" not in message and "'gpt2'" in message and "llm.lora.target_modules" in message
 
@@ -305,7 +306,7 @@ def test_bridge_lora_trains_only_adapters_and_always_trainable() -> None:
     before = _queries(bridge, tokens)
     lora.apply_bridge_lora(bridge, SETTINGS)
     assert bridge.lora_settings["target_modules"] == lora.default_bridge_targets(_qformer())
-    assert bridge.lora_settings["always_trainable"] == list(lora.ALWAYS_TRAINABLE)
+    assert bridge.lora_settings["always_trainable"] == ["query_tokens", "ln_vision"] == list(type(bridge).lora_always_trainable)
 
     trainable = {n for n, p in bridge.named_parameters() if p.requires_grad}
     always = {"query_tokens", "ln_vision.weight", "ln_vision.bias"}

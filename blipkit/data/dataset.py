@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -39,7 +40,10 @@ MALFORMED_ROW = "malformed row"
 class ImageTextDataset(Dataset):
     """Samples of one split of one dataset; ``__getitem__`` returns a ``Sample`` or None (unreadable image).
 
-    Raises DataError when more than half of all rows are unusable, or when none is left.
+    ``caption_scorer`` (optional): scores of the dataset's own that caption evaluation adds, from the
+    prediction rows (``caption``, ``references`` and the sample's ``meta``), e.g. the shapes data's check
+    that each caption names the drawn colours and shapes. Raises DataError when more than half of all rows
+    are unusable, or when none is left.
     """
 
     def __init__(
@@ -48,9 +52,11 @@ class ImageTextDataset(Dataset):
         name: str,
         split: str = "train",
         skipped: Mapping[str, int] | None = None,
+        caption_scorer: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
     ) -> None:
         self.name = name
         self.split = split
+        self.caption_scorer = caption_scorer
         self.skipped: Counter[str] = Counter({k: v for k, v in (skipped or {}).items() if v})
         self._lock = threading.Lock()
         self._unreadable: set[int] = set()

@@ -375,6 +375,7 @@ class CachedFeatureDataset(Dataset):
         self.records = dataset.records
         self.name = dataset.name
         self.split = dataset.split
+        self.caption_scorer = getattr(dataset, "caption_scorer", None)
         self.tasks = dataset.tasks
         self.skipped = dataset.skipped
         if None in keys:

@@ -43,7 +43,8 @@ def evaluate(
     """Generate for every caption image or VQA question of ``dataset`` and score the results.
 
     Captions: one per distinct image, scored against all of that image's reference captions (BLEU,
-    ROUGE-L, CIDEr) and, for synthetic shapes, by whether they name the drawn colours and shapes.
+    ROUGE-L, CIDEr) and by the dataset's own ``caption_scorer`` when it has one (the shapes data's: whether
+    each caption names the drawn colours and shapes).
     VQA: one answer per question, scored with the official VQA accuracy. ``dataset`` may be a
     feature-cached view (its samples then carry encoder tokens instead of images).
     """
@@ -87,22 +88,19 @@ def _evaluate_captions(
             captions = model.generate_from_tokens(_inputs(model, samples), [prompt] * len(samples), **settings)
             for sample, caption in zip(samples, captions):
                 result.predictions.append(
-                    {"image_id": sample.image_id, "caption": caption, "references": references[sample.image_id],
-                     **({"objects": sample.meta["objects"]} if "objects" in sample.meta else {})}
+                    {**sample.meta, "image_id": sample.image_id, "caption": caption, "references": references[sample.image_id]}
                 )
         if progress is not None:
             progress(len(chunk))
     if not result.predictions:
         raise DataError(f"no image of dataset '{dataset.name}' could be read; nothing to score")
     from blipkit.eval.captions import caption_scores
-    from blipkit.eval.shapes import shapes_caption_accuracy
 
     predictions = {p["image_id"]: p["caption"] for p in result.predictions}
     result.scores = caption_scores(predictions, {k: references[k] for k in predictions})
-    with_objects = [p for p in result.predictions if "objects" in p]
-    if with_objects:
-        shapes = shapes_caption_accuracy([p["caption"] for p in with_objects], [p["objects"] for p in with_objects])
-        result.scores.update({f"shapes_{k}": v for k, v in shapes.items()})
+    scorer = getattr(dataset, "caption_scorer", None)
+    if scorer is not None:
+        result.scores.update(scorer(result.predictions))
     return result
 
 
@@ -157,7 +155,7 @@ def _evaluate_retrieval(
         first.setdefault(record.image_id, index)
         texts.append(record.text)
         text_image.append(record.image_id)
-    bridge = model.stage1_bridge()
+    bridge = model.retrieval_bridge()
     tokens: dict[str, torch.Tensor] = {}
     for chunk in _batches(list(first.values()), batch_size):
         samples = [s for s in (dataset[i] for i in chunk) if s is not None]

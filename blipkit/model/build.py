@@ -11,7 +11,7 @@ from blipkit.config import ComponentConfig, Recipe, recipe_from_dict
 from blipkit.errors import BlipkitError, ConfigError
 from blipkit.interfaces import Bridge
 from blipkit.io import read_json
-from blipkit.model.lora import LoraSettings, ALWAYS_TRAINABLE, apply_bridge_lora, apply_llm_lora, load_bridge_lora, load_llm_adapter
+from blipkit.model.lora import LoraSettings, apply_bridge_lora, apply_llm_lora, load_bridge_lora, load_llm_adapter
 from blipkit.model.persistence import META_FILE, weights_dir
 from blipkit.model.vlm import VisionLanguageModel
 
@@ -48,7 +48,7 @@ def _make_bridge(config: ComponentConfig, slot: str, **dims: int) -> Bridge:
 def _apply_bridge_tuning(bridge: Bridge, config: ComponentConfig) -> Bridge:
     if config.tuning == "lora":
         settings = dict(config.lora or {})
-        always = settings.pop("always_trainable", ALWAYS_TRAINABLE)
+        always = settings.pop("always_trainable", None)
         apply_bridge_lora(bridge, LoraSettings(**settings), always)
     return bridge
 

@@ -37,7 +37,6 @@ from blipkit.io import atomic_write_json, load_safetensors, read_json, save_safe
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
-    "ALWAYS_TRAINABLE",
     "BRIDGE_LORA_CONFIG",
     "BRIDGE_LORA_WEIGHTS",
     "LoraSettings",
@@ -46,7 +45,6 @@ __all__ = [
     "bridge_base_state",
     "bridge_lora_state",
     "default_bridge_targets",
-    "default_llm_targets",
     "has_lora",
     "load_bridge_lora",
     "load_llm_adapter",
@@ -62,18 +60,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BRIDGE_LORA_CONFIG = "lora.json"
 BRIDGE_LORA_WEIGHTS = "lora.safetensors"
-
-# BLIP-2 trains these fresh in every stage and they are not Linear layers, so LoRA cannot adapt them.
-ALWAYS_TRAINABLE: tuple[str, ...] = ("query_tokens", "ln_vision")
-
-_ATTENTION_LLM_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(
-        ("llama", "mistral", "mixtral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2"),
-        ["q_proj", "k_proj", "v_proj", "o_proj"],
-    ),
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    **dict.fromkeys(("t5", "mt5", "umt5"), ["q", "k", "v", "o"]),
-}
 
 # Child names that mark a module as an attention block: one of these triples all present.
 _QKV_NAMES: tuple[tuple[str, str, str], ...] = (
@@ -91,7 +77,7 @@ _BASE_LAYER = ".base_layer"
 class LoraSettings:
     """LoRA hyper-parameters: rank, scaling numerator (scale = alpha / r), dropout, targets, bias.
 
-    ``target_modules`` None means the per-model defaults (``default_llm_targets`` /
+    ``target_modules`` None means the model's defaults (the language model's ``lora_targets()``, or
     ``default_bridge_targets``); names match a module's full name or its dotted suffix, as in peft.
     ``bias``: "none", "all" or "lora_only" (which biases train).
     """
@@ -127,29 +113,6 @@ class LoraSettings:
 
 
 # ---- defaults ---------------------------------------------------------------------------------------
-
-
-def _hf_config(model: Any) -> Any:
-    """The transformers config behind a LanguageModel wrapper, a (peft-wrapped) HF model or a config."""
-    seen = 0
-    while not hasattr(model, "model_type") and seen < 4:
-        if hasattr(model, "config") and hasattr(model.config, "model_type"):
-            return model.config
-        model = getattr(model, "model", None)
-        seen += 1
-    return model
-
-
-def default_llm_targets(model: Any) -> list[str]:
-    """LoRA target modules for a language model (wrapper, HF model or config), from its config's model_type."""
-    config = _hf_config(model)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _ATTENTION_LLM_TARGETS:
-        raise ConfigError(
-            f"no default LoRA target modules for model type '{model_type}'; set llm.lora.target_modules "
-            "to the names of its attention projection layers (e.g. [q_proj, v_proj])"
-        )
-    return list(_ATTENTION_LLM_TARGETS[model_type])
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
@@ -285,7 +248,12 @@ def apply_llm_lora(llm: Any, settings: LoraSettings) -> None:
 
     if isinstance(llm.model, PeftModel):
         raise BlipkitError(f"language model '{getattr(llm, 'name', '')}' already has a LoRA adapter")
-    targets = settings.target_modules or default_llm_targets(llm)
+    targets = settings.target_modules or llm.lora_targets()
+    if not targets:
+        raise ConfigError(
+            f"language model '{getattr(llm, 'name', '')}' names no default LoRA target modules; set "
+            "llm.lora.target_modules to the names of its attention projection layers (e.g. [q_proj, v_proj])"
+        )
     _check_targets(llm.model, targets, "language model")
     task = TaskType.SEQ_2_SEQ_LM if llm.is_encoder_decoder else TaskType.CAUSAL_LM
     llm.model = _wrap_in_peft(llm.model, settings.peft_config(targets, task_type=task))
@@ -354,16 +322,16 @@ def _always_trainable(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
 
 
-def apply_bridge_lora(
-    bridge: nn.Module, settings: LoraSettings, always_trainable: Sequence[str] = ALWAYS_TRAINABLE
-) -> None:
+def apply_bridge_lora(bridge: nn.Module, settings: LoraSettings, always_trainable: Sequence[str] | None = None) -> None:
     """Inject LoRA into the bridge's Linear layers and freeze every other parameter but ``always_trainable``.
 
     ``always_trainable`` holds parameter-name patterns (glob; a module name covers its parameters) that
-    keep training: by default the Q-Former's learned query tokens and ``ln_vision``, which BLIP-2 trains
-    fresh and which LoRA (Linear layers only) cannot adapt. The resolved settings are recorded on the
-    bridge as ``bridge.lora_settings`` for saving.
+    keep training; by default the bridge's own ``lora_always_trainable`` (the Q-Former's learned query
+    tokens and ``ln_vision``, which BLIP-2 trains fresh and which LoRA, on Linear layers only, cannot
+    adapt). The resolved settings are recorded on the bridge as ``bridge.lora_settings`` for saving.
     """
+    if always_trainable is None:
+        always_trainable = getattr(bridge, "lora_always_trainable", ())
     from peft import inject_adapter_in_model
 
     if has_lora(bridge):
@@ -400,7 +368,7 @@ def bridge_lora_state(bridge: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
 def restore_bridge_lora(bridge: nn.Module, settings: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Inject LoRA per ``settings`` (unless present already) and load ``tensors`` from ``bridge_lora_state``."""
     options = dict(settings)
-    always = options.pop("always_trainable", ALWAYS_TRAINABLE)
+    always = options.pop("always_trainable", None)
     known = set(LoraSettings.__dataclass_fields__)
     if set(options) - known:
         raise DataError(f"unknown LoRA setting '{sorted(set(options) - known)[0]}'; re-save the bridge")

@@ -80,7 +80,7 @@ class VisionLanguageModel(nn.Module):
         aux = image_tokens.new_zeros(())
         for module, output in ((self.bridge, out), (self.projection, projected)):
             if output.aux_loss is not None:
-                aux = aux + float(module.config.get("aux_loss_weight", 0.0)) * output.aux_loss
+                aux = aux + float(module.aux_loss_weight) * output.aux_loss
         dtype = next(self.llm.parameters()).dtype
         return projected.queries.to(dtype), aux
 
@@ -163,9 +163,9 @@ class VisionLanguageModel(nn.Module):
         settings = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, **generation}
         return self.generate(images, [self.vqa_prompt(q) for q in questions], **settings)
 
-    def stage1_bridge(self) -> Any:
-        """The bridge, checked to have image-text contrastive and matching heads."""
-        if not (self.bridge.supports_stage1 and hasattr(self.bridge, "image_embeds")):
+    def retrieval_bridge(self) -> Bridge:
+        """The bridge, checked to embed images and texts in a shared space."""
+        if not self.bridge.supports_retrieval:
             raise BlipkitError(
                 f"bridge '{self.recipe.bridge.name}' has no image-text matching heads; embeddings, ITM scores "
                 "and retrieval need a Q-Former trained with stage 1"
@@ -175,18 +175,18 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def embed_images(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
         """Normalised query features in the image-text contrastive space [B, Q, E]."""
-        bridge = self.stage1_bridge()
+        bridge = self.retrieval_bridge()
         return bridge.image_embeds(self.image_tokens(self.pixel_values(images)).float())
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Normalised text features in the image-text contrastive space [B, E]."""
-        return self.stage1_bridge().text_embeds(texts)
+        return self.retrieval_bridge().text_embeds(texts)
 
     @torch.no_grad()
     def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Image-text contrastive similarity [n_images, n_texts] (best query per pair)."""
-        return self.stage1_bridge().similarity(image_embeds, text_embeds)
+        return self.retrieval_bridge().similarity(image_embeds, text_embeds)
 
     @torch.no_grad()
     def itm_score(self, images: Sequence[ImageInput] | torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -196,7 +196,7 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def itm_score_tokens(self, image_tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """``itm_score`` from precomputed encoder tokens."""
-        return self.stage1_bridge().itm_score(image_tokens.float(), texts)
+        return self.retrieval_bridge().itm_score(image_tokens.float(), texts)
 
     @torch.no_grad()
     def cross_attention(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:

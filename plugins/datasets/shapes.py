@@ -25,6 +25,8 @@ from blipkit.data.dataset import ImageTextDataset
 from blipkit.data.sample import Record
 from blipkit.errors import ConfigError
 
+from .shapes_scoring import score_captions
+
 __all__ = ["COLORS", "SHAPES", "ImageSpec", "ShapeSpec", "make_specs", "register_datasets", "render", "shapes"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -211,7 +213,7 @@ def shapes(
         if "vqa" in wanted:
             for question, answer in spec.questions():
                 records.append(Record(image, answer, question, [answer], image_id, "vqa", meta))
-    return ImageTextDataset(records, name="shapes", split=split)
+    return ImageTextDataset(records, name="shapes", split=split, caption_scorer=score_captions)
 
 
 @hookimpl

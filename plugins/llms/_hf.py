@@ -70,6 +70,39 @@ def _join(prompt: str, target: str) -> str:
     return target
 
 
+LORA_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "mixtral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2"),
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ),
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    **dict.fromkeys(("t5", "mt5", "umt5"), ["q", "k", "v", "o"]),
+}
+"""The attention projections LoRA adapts by default, per transformers ``model_type``."""
+
+
+def _hf_config(model: Any) -> Any:
+    """The transformers config behind a LanguageModel wrapper, a (peft-wrapped) HF model or a config."""
+    seen = 0
+    while not hasattr(model, "model_type") and seen < 4:
+        if hasattr(model, "config") and hasattr(model.config, "model_type"):
+            return model.config
+        model = getattr(model, "model", None)
+        seen += 1
+    return model
+
+
+def default_lora_targets(model: Any) -> list[str]:
+    """LoRA target modules for a language model (wrapper, HF model or config), from its config's model_type."""
+    model_type = getattr(_hf_config(model), "model_type", None)
+    if model_type not in LORA_TARGETS:
+        raise ConfigError(
+            f"no default LoRA target modules for model type '{model_type}'; set llm.lora.target_modules "
+            "to the names of its attention projection layers (e.g. [q_proj, v_proj])"
+        )
+    return list(LORA_TARGETS[model_type])
+
+
 class _HFLanguageModel(LanguageModel):
     """What both wrappers share: freezing, embeddings, special tokens, padding, generation options."""
 
@@ -97,6 +130,10 @@ class _HFLanguageModel(LanguageModel):
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(self.eos_token_id)
         self.pad_token_id = int(tokenizer.pad_token_id)
         self._adds_bos, self._adds_eos = self._special_tokens_added()
+
+    def lora_targets(self) -> list[str]:
+        """The attention projections of this model's family (raises ConfigError for a family not in the table)."""
+        return default_lora_targets(self.model)
 
     def _special_tokens_added(self) -> tuple[bool, bool]:
         """Whether the tokenizer, left to itself, puts BOS first / EOS last."""

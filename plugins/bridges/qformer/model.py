@@ -115,6 +115,9 @@ class QFormer(Bridge):
     """
 
     supports_stage1 = True
+    supports_retrieval = True
+    # BLIP-2 trains these fresh in every stage and they are not Linear layers, so LoRA cannot adapt them.
+    lora_always_trainable = ("query_tokens", "ln_vision")
 
     def __init__(
         self,

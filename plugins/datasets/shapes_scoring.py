@@ -1,4 +1,8 @@
-"""Caption scoring for the synthetic ``shapes`` data: are the right colours bound to the right shapes?"""
+"""Caption scoring for the synthetic ``shapes`` data: are the right colours bound to the right shapes?
+
+The ``shapes`` dataset hands ``score_captions`` to evaluation as its caption scorer, so that every caption
+evaluation of shapes data reports ``shapes_accuracy``, ``shapes_single_shape`` and ``shapes_two_shapes``.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,11 @@ from typing import Any
 
 from blipkit.errors import DataError
 
-__all__ = ["mentions", "shapes_caption_accuracy", "shapes_caption_correct"]
+__all__ = ["COLOR_WORDS", "SHAPE_WORDS", "mentions", "score_captions", "shapes_caption_accuracy", "shapes_caption_correct"]
 
-# The vocabulary of the built-in shapes dataset (the core may not import a plugin, so it is restated here).
-COLORS = frozenset({"red", "green", "blue", "yellow", "white", "purple"})
-SHAPES = frozenset({"circle", "square", "triangle"})
+# The words the generator (shapes.py, which imports this module) draws with.
+COLOR_WORDS = frozenset({"red", "green", "blue", "yellow", "white", "purple"})
+SHAPE_WORDS = frozenset({"circle", "square", "triangle"})
 # Colour and shape words the data never uses: naming one is naming something that is not there.
 _OTHER_COLORS = frozenset(
     {"black", "grey", "gray", "orange", "pink", "brown", "cyan", "magenta", "violet", "gold", "silver", "teal"}
@@ -26,7 +30,7 @@ _WORD = re.compile(r"[a-z]+")
 def _shape_word(word: str) -> str | None:
     """The singular shape a word names ("circles" -> "circle"), or None for a word that names no shape."""
     for stem in (word, word[:-1] if word.endswith("s") else None):
-        if stem in SHAPES or stem in _OTHER_SHAPES:
+        if stem in SHAPE_WORDS or stem in _OTHER_SHAPES:
             return stem
     return None
 
@@ -39,7 +43,7 @@ def mentions(caption: str) -> tuple[list[str], list[str], set[tuple[str, str]]]:
     pending: str | None = None
     for word in _WORD.findall(caption.lower()):
         shape = _shape_word(word)
-        if word in COLORS or word in _OTHER_COLORS:
+        if word in COLOR_WORDS or word in _OTHER_COLORS:
             colors.append(word)
             pending = word
         elif shape is not None:
@@ -109,3 +113,12 @@ def shapes_caption_accuracy(
         "two_shapes": share(two),
         "two_count": len(two),
     }
+
+
+def score_captions(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``shapes_*`` scores of caption predictions that carry their image's ``objects``."""
+    scored = [p for p in predictions if "objects" in p]
+    if not scored:
+        return {}
+    accuracy = shapes_caption_accuracy([p["caption"] for p in scored], [p["objects"] for p in scored])
+    return {f"shapes_{k}": v for k, v in accuracy.items()}
