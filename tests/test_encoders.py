@@ -21,7 +21,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from blipkit.errors import BlipkitError, ConfigError, ModelUnavailableError
 from blipkit.plugin_manager import registries
-from blipkit.plugins.encoders import _common, efficientnet, hf_vision, openclip
+from blipkit import encoders as encoder_helpers
+from blipkit.plugins.encoders import efficientnet, hf_vision, openclip
 
 TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
 
@@ -463,20 +464,20 @@ def test_tiny_vit_penultimate_and_seed() -> None:
 
 def test_to_rgb_modes() -> None:
     transparent = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
-    assert _common.to_rgb(transparent).getpixel((0, 0)) == (255, 255, 255)
+    assert encoder_helpers.to_rgb(transparent).getpixel((0, 0)) == (255, 255, 255)
     opaque = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
-    assert _common.to_rgb(opaque).getpixel((0, 0)) == (10, 20, 30)
+    assert encoder_helpers.to_rgb(opaque).getpixel((0, 0)) == (10, 20, 30)
     deep = Image.fromarray(np.full((3, 3), 65535, dtype=np.uint16))
-    assert _common.to_rgb(deep).getpixel((1, 1)) == (255, 255, 255)
+    assert encoder_helpers.to_rgb(deep).getpixel((1, 1)) == (255, 255, 255)
     half = Image.fromarray(np.full((3, 3), 0.5, dtype=np.float32), mode="F")
-    assert _common.to_rgb(half).getpixel((1, 1)) == (128, 128, 128)
+    assert encoder_helpers.to_rgb(half).getpixel((1, 1)) == (128, 128, 128)
     for mode, image in _images().items():
-        converted = _common.to_rgb(image)
+        converted = encoder_helpers.to_rgb(image)
         assert converted.mode == "RGB" and converted.size == image.size, mode
 
 
 def test_errors_are_blipkit_errors() -> None:
     assert issubclass(ModelUnavailableError, BlipkitError) and issubclass(ConfigError, BlipkitError)
     with pytest.raises(ConfigError, match="out of range"):
-        _common.resolve_layer(-5, 4, "m")
-    assert _common.resolve_layer(-2, 4, "m") == 2
+        encoder_helpers.resolve_layer(-5, 4, "m")
+    assert encoder_helpers.resolve_layer(-2, 4, "m") == 2

@@ -144,7 +144,10 @@ def test_plugin_that_raises_while_registering(site: Path) -> None:
 
 @pytest.mark.slow
 def test_example_plugin_installs_and_is_listed(tmp_path: Path) -> None:
-    """The example package under examples/ installs with pip and shows up through its real entry point."""
+    """The example encoder under examples/ installs with pip, shows up through its real entry point, gives a
+    real transformers tower's penultimate-block tokens, and trains."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
     example = Path(__file__).resolve().parents[1] / "examples" / "blipkit-example-encoder"
     target = tmp_path / "target"
     subprocess.run(
@@ -153,20 +156,36 @@ def test_example_plugin_installs_and_is_listed(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    tower = tmp_path / "tower"
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=3, num_attention_heads=4,
+                       intermediate_size=48)
+    ViTModel(config).save_pretrained(tower)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tower)
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "BLIPKIT_CACHE": str(tmp_path / "cache")}
     listed = subprocess.run(
         [sys.executable, "-m", "blipkit", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
     )
     report = {item["name"]: item for item in json.loads(listed.stdout)}
     assert report["example_encoder"]["version"] == "0.1.0"
-    assert report["example_encoder"]["registered"] == {"encoders": ["patch-mean"]}
-    loaded = subprocess.run(
-        [sys.executable, "-m", "blipkit", "encoders", "pm", "--load", "--json"],
-        env=env, capture_output=True, text=True, check=True,
+    assert report["example_encoder"]["registered"] == {"encoders": ["hf-tower"]}
+    parity = (
+        "import torch; from transformers import ViTModel; from blipkit.plugin_manager import registries\n"
+        f"encoder = registries().encoders.create('hf-tower', model={str(tower)!r})\n"
+        "pixels = torch.randn(2, 3, 32, 32)\n"
+        f"reference = ViTModel.from_pretrained({str(tower)!r})(pixel_values=pixels, output_hidden_states=True).hidden_states[2]\n"
+        "assert torch.equal(encoder(pixels), reference), 'penultimate block'\n"
+        "print(encoder.num_tokens, encoder.feature_dim, encoder.token_layout)"
     )
-    info = json.loads(loaded.stdout)
-    assert info["name"] == "patch-mean"
-    assert info["loaded"]["num_tokens"] == 64 and info["loaded"]["feature_dim"] == 32
+    checked = subprocess.run([sys.executable, "-c", parity], env=env, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    assert checked.stdout.split()[:2] == ["17", "24"] and "1 CLS + 16 patches (4x4)" in checked.stdout
+    trained = subprocess.run(
+        [sys.executable, "-m", "blipkit", "train", "tiny", "encoder=hf-tower", f"encoder.options={{model: {tower}}}",
+         "stage1.steps=1", "stage2.steps=1", "-o", str(tmp_path / "run"), "-q"],
+        env=env, capture_output=True, text=True,
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "Model saved in" in trained.stdout
 
 
 @pytest.mark.slow

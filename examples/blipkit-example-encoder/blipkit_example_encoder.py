@@ -1,74 +1,54 @@
-"""An example blipkit plugin: registers the ``patch-mean`` encoder.
+"""An example blipkit plugin: ``hf-tower``, any transformers ViT-style vision tower by hub id or directory.
 
-The encoder cuts the image into square patches and returns each patch's mean colour passed through a
-fixed random linear map: no weights to download, so it works anywhere. Install this folder with
-``pip install -e examples/blipkit-example-encoder`` and it appears in ``blipkit plugins`` and
-``blipkit encoders``; use it with ``blipkit train --encoder patch-mean``.
+Tokens: the CLS token then the patch grid, from a block's output before the final norm (default: the
+penultimate block). Install with ``pip install -e examples/blipkit-example-encoder``, then train with
+``blipkit train encoder=hf-tower "encoder.options={model: facebook/dino-vits16}" ...``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from PIL import Image
-from torch import nn
 
 from blipkit import hookimpl
-from blipkit.interfaces import Encoder
-
-MEAN = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
-STD = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
+from blipkit.encoders import FrozenEncoder, ImageTransform, file_fingerprint, fingerprint, freeze, resolve_layer, unavailable
 
 
-class PatchMeanEncoder(Encoder):
-    """Mean colour of each patch, projected to ``dim`` features; every token is a patch (no CLS)."""
+class HFTower(FrozenEncoder):
+    """A transformers vision tower cut after block ``index``."""
 
-    def __init__(self, image_size: int = 64, patch_size: int = 8, dim: int = 32, seed: int = 0) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.patch_size = patch_size
-        side = image_size // patch_size
-        self.patch_grid = (side, side)
-        self.num_tokens = side * side
-        self.feature_dim = dim
-        self.token_layout = f"{self.num_tokens} patches ({side}x{side}), no CLS"
-        self.seed = seed
-        generator = torch.Generator().manual_seed(seed)
-        self.proj = nn.Linear(3, dim)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.randn(dim, 3, generator=generator))
-            self.proj.bias.zero_()
+    def __init__(self, tower: torch.nn.Module, index: int, **geometry) -> None:
+        super().__init__(**geometry)
+        self.tower = tower
+        self.index = index
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, N, dim]."""
-        pooled = nn.functional.avg_pool2d(pixel_values, self.patch_size)
-        return self.proj(pooled.flatten(2).transpose(1, 2))
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """Any PIL image -> normalised [3, S, S]."""
-        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        pixels = data.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float() / 255.0
-        return (pixels - MEAN) / STD
-
-    @property
-    def cache_key(self) -> str:
-        """Changes with every option that changes the features."""
-        return f"patch-mean:{self.image_size}:{self.patch_size}:{self.feature_dim}:{self.seed}"
+        """[B, 3, S, S] -> [B, 1 + patches, D]: hidden_states[0] is the embeddings, [i + 1] block i's output."""
+        return self.tower(pixel_values=self._input(pixel_values), output_hidden_states=True).hidden_states[self.index + 1]
 
 
-def patch_mean(image_size: int = 64, patch_size: int = 8, dim: int = 32, seed: int = 0) -> PatchMeanEncoder:
-    """Build the frozen ``patch-mean`` encoder."""
-    return PatchMeanEncoder(image_size, patch_size, dim, seed).eval().requires_grad_(False)
+def hf_tower(model: str, layer: int = -2) -> HFTower:
+    """Load ``model`` (a hub id or a saved directory) frozen; ``layer`` picks the block (-1 = last)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    try:
+        tower, processor = AutoModel.from_pretrained(model), AutoImageProcessor.from_pretrained(model)
+    except OSError as err:
+        raise unavailable(f"vision tower '{model}' cannot be loaded here ({err}); pass a local directory") from None
+    config, size = tower.config, tower.config.image_size
+    index = resolve_layer(layer, config.num_hidden_layers, model)
+    transform = ImageTransform(size, tuple(processor.image_mean), tuple(processor.image_std), resize_mode="squash")
+    weights = [file_fingerprint(f) for f in sorted(Path(model).glob("*.safetensors"))] if Path(model).is_dir() else [model]
+    key = f"hf-tower:{model}:{fingerprint(config.to_dict(), weights, transform.describe())}:block{index}"
+    side = size // config.patch_size
+    encoder = HFTower(tower, index, transform=transform, feature_dim=config.hidden_size, image_size=size,
+                      patch_grid=(side, side), num_prefix_tokens=1, key=key)
+    return freeze(encoder)
 
 
 @hookimpl
 def register_encoders(register) -> None:
-    """Register ``patch-mean`` (alias ``pm``)."""
-    register(
-        "patch-mean",
-        patch_mean,
-        aliases=["pm"],
-        description="Example plugin: per-patch mean colour, projected (no weights)",
-        kind="example",
-        available=True,
-    )
+    """Register ``hf-tower``."""
+    register("hf-tower", hf_tower, description="Example plugin: a transformers ViT-style tower by hub id or dir",
+             kind="example")

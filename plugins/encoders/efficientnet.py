@@ -16,7 +16,7 @@ from blipkit import hookimpl
 from blipkit.errors import ConfigError
 from blipkit.interfaces import Encoder
 
-from ._common import (
+from blipkit.encoders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     FrozenEncoder,

@@ -23,7 +23,7 @@ from blipkit.errors import ConfigError
 from blipkit.io import load_safetensors_prefixed
 from blipkit.interfaces import Encoder
 
-from ._common import FrozenEncoder, ImageTransform, file_fingerprint, fingerprint, freeze, resolve_layer, unavailable
+from blipkit.encoders import FrozenEncoder, ImageTransform, file_fingerprint, fingerprint, freeze, resolve_layer, unavailable
 
 # model_type in config.json -> (family, whether the vision tower sits inside a full image-text model)
 MODEL_TYPES: dict[str, tuple[str, bool]] = {

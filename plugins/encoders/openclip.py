@@ -22,7 +22,7 @@ from blipkit import hookimpl
 from blipkit.errors import ConfigError
 from blipkit.interfaces import Encoder
 
-from ._common import FrozenEncoder, file_fingerprint, fingerprint, freeze, resolve_layer, seeded, unavailable
+from blipkit.encoders import FrozenEncoder, file_fingerprint, fingerprint, freeze, resolve_layer, seeded, unavailable
 
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 

@@ -16,7 +16,7 @@ from blipkit import hookimpl
 from blipkit.errors import ConfigError
 from blipkit.interfaces import Encoder
 
-from ._common import FrozenEncoder, ImageTransform, fingerprint, freeze, resolve_layer, seeded
+from blipkit.encoders import FrozenEncoder, ImageTransform, fingerprint, freeze, resolve_layer, seeded
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)

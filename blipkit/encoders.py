@@ -1,4 +1,8 @@
-"""Helpers shared by the built-in encoder plugins: RGB conversion, a PIL transform, a frozen base class."""
+"""What an encoder plugin builds on: RGB conversion, the image transform, a frozen base class, fingerprints
+for cache keys, block choice, and the error for weights that cannot be had here.
+
+The built-in encoders use exactly these; docs/plugins.md shows a third-party encoder built on them.
+"""
 
 from __future__ import annotations
 
