@@ -213,3 +213,67 @@ def test_example_objective_plugin_trains_a_stage(tmp_path: Path) -> None:
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["contrastive"] == r["loss"] for r in rows[:3])
     source = Path(__file__).resolve().parents[1]
     assert not any("prefix-contrastive" in path.read_text() for folder in ("blipkit", "plugins") for path in (source / folder).rglob("*.py"))
+
+
+TASK_PLUGIN = dedent(
+    '''
+    from PIL import Image
+
+    from blipkit import hookimpl
+    from blipkit.data.collate import Collator, LanguageModelText
+    from blipkit.data.dataset import ImageTextDataset
+    from blipkit.data.sample import Record
+    from blipkit.interfaces import Objective
+
+
+    def counting(source="counting", split="train", num_images=16):
+        records = []
+        for i in range(num_images):
+            image = Image.new("RGB", (32, 32), (20 * (i % 3), 0, 0))
+            records.append(Record(image, str(i % 3 + 1), image_id=f"count-{i}", task="count"))
+        return ImageTextDataset(records, name="counting", split=split)
+
+
+    class CountLM(Objective):
+        tasks = frozenset({"count"})
+
+        def collator(self, model, recipe):
+            return Collator(model.encoder.preprocess, LanguageModelText(model.llm.tokenize, caption_prompt="How many?"))
+
+        def loss(self, model, batch):
+            prefix, _ = model.prefix(model.batch_tokens(batch))
+            loss = model.llm.loss(prefix, batch["lm"].to(model.device))
+            return {"loss": loss}
+
+        def items(self, batch):
+            return batch["lm"].num_targets()
+
+
+    @hookimpl
+    def register_datasets(register):
+        register("counting", counting, description="test: images with a count task")
+
+
+    @hookimpl
+    def register_objectives(register):
+        register("count-lm", CountLM, description="test: trains on the count task")
+    '''
+)
+
+
+def test_a_dataset_plugin_task_trains_with_an_objective_plugin(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task set is open: a dataset plugin yields a task of its own, an objective plugin trains on it."""
+    from blipkit.config import load_recipe
+    from blipkit.errors import ConfigError
+    from blipkit.train.runner import train
+
+    install_fake_plugin(site, "blipkit-counting", "blipkit_counting", TASK_PLUGIN)
+    monkeypatch.setenv("BLIPKIT_CACHE", str(tmp_path / "cache"))
+    stages = ["~stage1", "~stage2", "data.train={name: counting, options: {num_images: 16}}", "log_every=1",
+              "stages=[{objective: count-lm, name: counts, tasks: [count], steps: 2, lr: 1.0e-3}]"]
+    result = train(load_recipe("tiny", stages), output=tmp_path / "run", quiet=True)
+    assert result.completed and list(result.final) == ["counts"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [("counts", 1), ("counts", 2)]
+    with pytest.raises(ConfigError, match="objective 'lm' trains on caption, vqa, not count"):
+        load_recipe("tiny", ["stage2.tasks=[count]"])

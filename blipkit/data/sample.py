@@ -1,7 +1,8 @@
 """What a dataset yields (``Sample``) and what a dataset format builds it from (``Record``).
 
 A caption sample trains on ``text``. A VQA sample trains on ``text`` = the most frequent reference
-answer, asked with ``question``; ``answers`` keeps every reference answer for VQA accuracy.
+answer, asked with ``question``; ``answers`` keeps every reference answer for VQA accuracy. The set of
+tasks is open: a dataset plugin may yield a task of its own for an objective plugin to train on.
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from PIL import Image
 
-__all__ = ["TASKS", "ImageSource", "Record", "Sample", "most_frequent_answer"]
+__all__ = ["ImageSource", "Record", "Sample", "most_frequent_answer"]
 
-TASKS: tuple[str, ...] = ("caption", "vqa")
-
-Task = Literal["caption", "vqa"]
+Task = str
+"""``caption``, ``vqa``, or a task a dataset plugin names."""
 
 ImageSource = Union[str, Path, Image.Image, Callable[[], Image.Image]]
 """An image file path, an image already in memory, or a zero-argument callable that produces one."""
