@@ -1,63 +1,27 @@
 """The BLIP-2 Q-Former bridge: registers ``qformer`` (LAVIS-faithful, with the stage-1 heads).
 
 The model lives in ``model``; stage-1 losses in ``objectives``, and the training objective that runs them
-(``blip2-stage1``) in ``pretraining``; BERT init and tokenizers in ``init``;
-imports of transformers/LAVIS checkpoints in ``weights``. Heavy modules load on first use.
+(``blip2-stage1``) in ``pretraining``; BERT init and tokenizers in ``init``; imports of transformers/LAVIS
+checkpoints in ``weights``. BERT weights and tokenizers load when a Q-Former is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import inspect
+from typing import Any
 
 from blipkit import hookimpl
 from blipkit.errors import ConfigError
 from blipkit.hookspecs import Register
 
-if TYPE_CHECKING:
-    from .model import QFormer
+from .model import QFormer
 
 
-def qformer(
-    input_dim: int,
-    output_dim: int | None = None,
-    num_queries: int = 32,
-    num_layers: int = 12,
-    hidden_size: int = 768,
-    num_heads: int = 12,
-    intermediate_size: int = 3072,
-    cross_attention_freq: int = 2,
-    dropout: float = 0.1,
-    init: str | None = "minilm",
-    tokenizer: str | None = None,
-    embed_dim: int = 256,
-    max_position_embeddings: int = 512,
-    layer_norm_eps: float = 1e-12,
-    vision_norm_eps: float = 1e-5,
-    objectives: Sequence[str] | None = None,
-) -> QFormer:
-    """Build a Q-Former over ``input_dim``-wide encoder tokens; its output width is ``hidden_size``
-    (or the init BERT's), so ``output_dim``, when given, must match it. ``objectives`` picks the stage-1
-    losses among itc, itm and itg (default: all three, as BLIP-2)."""
-    from .model import QFormer
-
-    bridge = QFormer(
-        input_dim=input_dim,
-        num_queries=num_queries,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_heads=num_heads,
-        intermediate_size=intermediate_size,
-        cross_attention_freq=cross_attention_freq,
-        dropout=dropout,
-        init=init,
-        tokenizer=tokenizer,
-        embed_dim=embed_dim,
-        max_position_embeddings=max_position_embeddings,
-        layer_norm_eps=layer_norm_eps,
-        vision_norm_eps=vision_norm_eps,
-        objectives=objectives,
-    )
+def qformer(input_dim: int, output_dim: int | None = None, **options: Any) -> QFormer:
+    """Build a Q-Former over ``input_dim``-wide encoder tokens, with ``QFormer``'s options (BLIP-2's defaults,
+    and MiniLM weights unless ``init`` says otherwise). Its output width is ``hidden_size`` (or the init
+    BERT's), so ``output_dim``, when given, must match it."""
+    bridge = QFormer(input_dim=input_dim, **{"init": "minilm", **options})
     if output_dim is not None and output_dim != bridge.output_dim:
         raise ConfigError(
             f"bridge.output_dim: the Q-Former outputs {bridge.output_dim} (its hidden size), not {output_dim}; "
@@ -66,12 +30,23 @@ def qformer(
     return bridge
 
 
+def _factory_signature() -> inspect.Signature:
+    """``QFormer``'s constructor signature with ``output_dim`` added and MiniLM as the default ``init``, so that
+    recipes' option names are checked against the model's own list."""
+    own = list(inspect.signature(QFormer.__init__).parameters.values())[1:]
+    output_dim = inspect.Parameter("output_dim", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation="int | None")
+    params = [p.replace(default="minilm") if p.name == "init" else p for p in own]
+    return inspect.Signature([params[0], output_dim, *params[1:]], return_annotation="QFormer")
+
+
+qformer.__signature__ = _factory_signature()  # type: ignore[attr-defined]
+
+
 def _from_pretrained(path: str) -> QFormer:
     """Load a Q-Former saved with ``save_pretrained``, or import one from a transformers BLIP-2 directory."""
     import json
     from pathlib import Path
 
-    from .model import QFormer
     from .weights import from_transformers_blip2
 
     config = json.loads((Path(path) / "config.json").read_text())

@@ -101,6 +101,17 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.norm(torch.cat(parts, dim=1)))
 
 
+def _chosen(objectives: Sequence[str] | None) -> tuple[str, ...]:
+    """The stage-1 losses picked (all three when None), in BLIP-2's order; ConfigError for anything else."""
+    objectives = OBJECTIVES if objectives is None else objectives
+    if isinstance(objectives, str) or not objectives or set(objectives) - set(OBJECTIVES):
+        raise ConfigError(
+            f"objectives: expected a non-empty list drawn from {', '.join(OBJECTIVES)} (e.g. [itc, itg]), "
+            f"got {objectives!r}"
+        )
+    return tuple(o for o in OBJECTIVES if o in objectives)
+
+
 class QFormer(Bridge):
     """BLIP-2's Querying Transformer (LAVIS-faithful), usable as a bridge and trainable in stage 1.
 
@@ -138,53 +149,48 @@ class QFormer(Bridge):
         objectives: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        objectives = OBJECTIVES if objectives is None else objectives
-        if isinstance(objectives, str) or not objectives or set(objectives) - set(OBJECTIVES):
-            raise ConfigError(
-                f"objectives: expected a non-empty list drawn from {', '.join(OBJECTIVES)} (e.g. [itc, itg]), "
-                f"got {objectives!r}"
-            )
-        self.objectives = tuple(o for o in OBJECTIVES if o in objectives)
+        self.objectives = _chosen(objectives)
         if cross_attention_freq < 1:
             raise ConfigError(f"cross_attention_freq must be >= 1, got {cross_attention_freq}")
         source = resolve_init(init)
+        sizes = {
+            "num_layers": num_layers, "hidden_size": hidden_size, "num_heads": num_heads,
+            "intermediate_size": intermediate_size, "max_position_embeddings": max_position_embeddings,
+            "layer_norm_eps": layer_norm_eps,
+        }
         if source is not None:
-            sizes = source.sizes()
-            num_layers, hidden_size, num_heads = sizes["num_layers"], sizes["hidden_size"], sizes["num_heads"]
-            intermediate_size = sizes["intermediate_size"]
-            max_position_embeddings, layer_norm_eps = sizes["max_position_embeddings"], sizes["layer_norm_eps"]
-            if tokenizer is None:
-                tokenizer = source.tokenizer_spec
-        if hidden_size % num_heads:
-            raise ConfigError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+            sizes.update(source.sizes())
+            tokenizer = source.tokenizer_spec if tokenizer is None else tokenizer
+        if sizes["hidden_size"] % sizes["num_heads"]:
+            raise ConfigError(f"hidden_size {sizes['hidden_size']} is not a multiple of num_heads {sizes['num_heads']}")
         tokenizer = MINILM if tokenizer is None else tokenizer
         self.tokenizer = build_tokenizer(tokenizer)
-        vocab_size = len(self.tokenizer)
-
         self.input_dim = input_dim
         self.num_queries = num_queries
-        self.output_dim = hidden_size
-        self.hidden_size = hidden_size
+        self.output_dim = self.hidden_size = sizes["hidden_size"]
         self.config: dict[str, Any] = {
-            "input_dim": input_dim,
-            "num_queries": num_queries,
-            "num_layers": num_layers,
-            "hidden_size": hidden_size,
-            "num_heads": num_heads,
-            "intermediate_size": intermediate_size,
-            "cross_attention_freq": cross_attention_freq,
-            "dropout": dropout,
-            "init": None,
-            "tokenizer": tokenizer,
-            "embed_dim": embed_dim,
-            "max_position_embeddings": max_position_embeddings,
-            "layer_norm_eps": layer_norm_eps,
-            "vision_norm_eps": vision_norm_eps,
-            "objectives": list(self.objectives),
+            "input_dim": input_dim, "num_queries": num_queries, **sizes,
+            "cross_attention_freq": cross_attention_freq, "dropout": dropout, "init": None, "tokenizer": tokenizer,
+            "embed_dim": embed_dim, "vision_norm_eps": vision_norm_eps, "objectives": list(self.objectives),
         }
+        self._build(cross_attention_freq, dropout, embed_dim, vision_norm_eps, **sizes)
+        init_bert_style(self)
+        nn.init.normal_(self.query_tokens, std=0.02)
+        if source is not None:
+            result = self.load_state_dict(bert_state_for(source, len(self.tokenizer), self.state_dict()), strict=False)
+            new_parts = (".cross_attn.", ".ffn_query.")
+            if any(k.startswith("layers.") and not any(p in k for p in new_parts) for k in result.missing_keys):
+                raise ConfigError(f"init: {init} is missing BERT encoder weights; pass a complete BERT checkpoint")
+        self.copy_text_ffn_to_query_ffn()
 
-        self.ln_vision = nn.LayerNorm(input_dim, eps=vision_norm_eps)
-        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, hidden_size))
+    def _build(self, cross_attention_freq: int, dropout: float, embed_dim: int, vision_norm_eps: float, *, num_layers: int,
+               hidden_size: int, num_heads: int, intermediate_size: int, max_position_embeddings: int,
+               layer_norm_eps: float) -> None:
+        """Create the layers: ``ln_vision``, the queries, the BERT-shaped stack with cross-attention every
+        ``cross_attention_freq`` layers, and the stage-1 heads."""
+        vocab_size = len(self.tokenizer)
+        self.ln_vision = nn.LayerNorm(self.input_dim, eps=vision_norm_eps)
+        self.query_tokens = nn.Parameter(torch.zeros(1, self.num_queries, hidden_size))
         self.embeddings = TextEmbeddings(
             vocab_size, hidden_size, max_position_embeddings, self.tokenizer.pad_token_id, dropout, layer_norm_eps
         )
@@ -193,7 +199,7 @@ class QFormer(Bridge):
                 hidden_size,
                 num_heads,
                 intermediate_size,
-                input_dim,
+                self.input_dim,
                 has_cross_attention=i % cross_attention_freq == 0,
                 dropout=dropout,
                 eps=layer_norm_eps,
@@ -205,15 +211,6 @@ class QFormer(Bridge):
         self.text_proj = nn.Linear(hidden_size, embed_dim)
         self.itm_head = nn.Linear(hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
-
-        init_bert_style(self)
-        nn.init.normal_(self.query_tokens, std=0.02)
-        if source is not None:
-            result = self.load_state_dict(bert_state_for(source, vocab_size, self.state_dict()), strict=False)
-            new_parts = (".cross_attn.", ".ffn_query.")
-            if any(k.startswith("layers.") and not any(p in k for p in new_parts) for k in result.missing_keys):
-                raise ConfigError(f"init: {init} is missing BERT encoder weights; pass a complete BERT checkpoint")
-        self.copy_text_ffn_to_query_ffn()
 
     @torch.no_grad()
     def copy_text_ffn_to_query_ffn(self) -> None:
