@@ -22,7 +22,9 @@ from blipkit.config import load_recipe
 from blipkit.eval.evaluate import evaluate, write_results
 from blipkit.plugins.datasets.shapes_scoring import SHAPE_WORDS, mentions
 from blipkit.eval.vqa import normalize_answer
-from blipkit.train.runner import cached_features, open_dataset, train
+from blipkit.data.dataset import open_dataset
+from blipkit.features import cached_features
+from blipkit.train.runner import train
 
 # Chance levels on shapes: 6 colours x 3 shapes for a one-shape caption; answers to colour (1/6),
 # shape (1/3) and count (1/2) questions, weighted as the test split asks them.

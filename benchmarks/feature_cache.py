@@ -65,7 +65,7 @@ def run(
     from blipkit.model.vlm import VisionLanguageModel
     from blipkit.plugin_manager import registries
     from blipkit.train.optim import build_optimizer
-    from blipkit.train.runner import open_dataset
+    from blipkit.data.dataset import open_dataset
 
     regs = registries()
     recipe = load_recipe("default")

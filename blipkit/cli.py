@@ -251,9 +251,9 @@ def train(
     `accelerate launch --multi_gpu --num_processes N -m blipkit train ...` and `torchrun
     --nproc_per_node N -m blipkit train ...` work too (docs/scaling.md).
     """
-    from blipkit.config import load_recipe, recipe_from_dict, validate_recipe
+    from blipkit.config import load_recipe, validate_recipe
     from blipkit.distributed import launched_rank
-    from blipkit.io import read_json
+    from blipkit.model.persistence import run_recipe
     from blipkit.train.runner import run_dir_for
     from blipkit.train.runner import train as run_training
 
@@ -263,7 +263,7 @@ def train(
     if resume_dir:
         if args or sugar:
             raise click.UsageError("--resume continues a run with its own recipe; it takes no recipe or overrides")
-        recipe = recipe_from_dict(read_json(Path(resume_dir) / "blipkit.json")["recipe"])
+        recipe = run_recipe(resume_dir)
         output = resume_dir
     else:
         name, overrides = _split_recipe_args(args)
@@ -274,17 +274,25 @@ def train(
             raise click.UsageError("this process was started by a launcher already; drop --processes")
         from blipkit.train.launch import launch_training
 
-        argv = [*args, *(f"--{k}={v}" for k, v in (("encoder", encoder), ("llm", llm), ("bridge", bridge), ("data", data)) if v)]
-        argv += [f"--output={output}"] if output and not resume_dir else []
-        argv += [f"--resume={resume_dir}"] if resume_dir else []
-        argv += ["--overwrite"] * overwrite + [f"--stop-after={stop_after}"] * bool(stop_after) + ["--quiet"] * quiet
-        run_dir = run_dir_for(recipe, output)
-        launch_training(processes, argv, launcher_args, f"Continue with: blipkit train --resume {run_dir} --processes {processes}")
+        params = click.get_current_context().params
+        hint = f"Continue with: blipkit train --resume {run_dir_for(recipe, output)} --processes {processes}"
+        launch_training(processes, _train_argv(params), launcher_args, hint)
         return
     result = run_training(recipe, output=output, resume=bool(resume_dir), overwrite=overwrite,
                           stop_after=stop_after, quiet=quiet)
     if result.is_main:
         _print_training(result)
+
+
+def _train_argv(params: dict[str, Any]) -> list[str]:
+    """``blipkit train``'s arguments again, for each launched process: all but the launcher's own."""
+    argv = list(params["args"])
+    for name in ("encoder", "llm", "bridge", "data", "output", "stop_after"):
+        if params[name] is not None and not (name == "output" and params["resume_dir"]):
+            argv.append(f"--{name.replace('_', '-')}={params[name]}")
+    if params["resume_dir"]:
+        argv.append(f"--resume={params['resume_dir']}")
+    return argv + ["--overwrite"] * params["overwrite"] + ["--quiet"] * params["quiet"]
 
 
 def _print_training(result: Any) -> None:
@@ -330,16 +338,10 @@ def cache(args: tuple[str, ...], clear: bool, quiet: bool) -> None:
         click.echo(f"Cleared {features_root()} ({freed / 2**20:.1f} MiB)")
         return
     from blipkit.config import load_recipe
-    from blipkit.model.build import build_model
-    from blipkit.train.runner import cached_features, open_dataset
+    from blipkit.features import recipe_features
 
     name, overrides = _split_recipe_args(args)
-    recipe = load_recipe(name, overrides)
-    model = build_model(recipe, with_llm=False)
-    for split in (recipe.data.train, recipe.data.validation):
-        if split is None:
-            continue
-        view = cached_features(model, open_dataset(split.name, split.split, split.options), quiet=quiet)
+    for split, view in recipe_features(load_recipe(name, overrides), quiet=quiet):
         size = cache_size(view.cache.path)
         click.echo(f"{split.name} ({split.split}): {len(view.cache)} images cached in {view.cache.path} ({size / 2**20:.1f} MiB)")
 

@@ -12,14 +12,9 @@ import click
 from blipkit.errors import BlipkitError, one_line
 
 def _resolve_model(model: str | None) -> str:
-    from blipkit.io import cache_dir
+    from blipkit.model.persistence import last_run
 
-    if model:
-        return model
-    last = cache_dir() / "last-run"
-    if last.exists() and Path(last.read_text().strip()).exists():
-        return last.read_text().strip()
-    raise BlipkitError("no --model given and no finished 'blipkit train' run found; train one with: blipkit train")
+    return model or str(last_run())
 
 
 def _run_per_image(paths: list[Path], work: Any, quiet: bool) -> list[tuple[Path, Any]]:
@@ -168,21 +163,12 @@ def evaluate_command(model: str | None, task: str, data_name: str, split: str, o
 
     Writes TASK_predictions.jsonl and TASK_scores.json, and prints the scores.
     """
-    import blipkit
     from blipkit.config import apply_overrides
-    from blipkit.eval.evaluate import evaluate, write_results
-    from blipkit.train.feedback import CountProgress
-    from blipkit.train.runner import cached_features, open_dataset
+    from blipkit.eval.evaluate import evaluate_split
 
-    dataset_options = apply_overrides({}, list(options))
-    run = _resolve_model(model)
-    vlm = blipkit.load(run)
-    dataset = cached_features(vlm, open_dataset(data_name, split, dataset_options), quiet=quiet)
-    generation = {"num_beams": beams} if beams else {}
-    with CountProgress(f"{task} ({split})", len(dataset.records), quiet=quiet) as bar:
-        result = evaluate(vlm, dataset, task, batch_size=batch_size, generation=generation, progress=bar.advance)
-    out_dir = Path(out) if out else Path(run) / f"eval-{split}"
-    predictions, scores = write_results(result, out_dir)
+    done = evaluate_split(model, task, data_name, split, apply_overrides({}, list(options)), batch_size,
+                          {"num_beams": beams} if beams else {}, out, quiet)
+    result = done.result
     if as_json:
         click.echo(json.dumps(result.scores, indent=2))
     else:
@@ -191,9 +177,9 @@ def evaluate_command(model: str | None, task: str, data_name: str, split: str, o
                 click.echo(f"{key:28} {value:.4f}")
             elif not isinstance(value, dict):
                 click.echo(f"{key:28} {value}")
-        click.echo(f"predictions: {predictions}\nscores:      {scores}")
-    if dataset.skipped:
-        click.echo("skipped: " + ", ".join(f"{n} {reason}" for reason, n in dataset.skipped.items()), err=True)
+        click.echo(f"predictions: {done.predictions}\nscores:      {done.scores}")
+    if done.skipped:
+        click.echo("skipped: " + ", ".join(f"{n} {reason}" for reason, n in done.skipped.items()), err=True)
 
 
 COMMANDS = [caption, ask, retrieve, attention, evaluate_command]

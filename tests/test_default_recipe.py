@@ -11,7 +11,9 @@ import blipkit
 from blipkit.config import load_recipe
 from blipkit.eval.evaluate import evaluate
 from blipkit.plugins.datasets.shapes_scoring import mentions, shapes_caption_correct
-from blipkit.train.runner import cached_features, open_dataset, train
+from blipkit.data.dataset import open_dataset
+from blipkit.features import cached_features
+from blipkit.train.runner import train
 
 CHANCE_SHAPE = 1 / 3
 """A guess at one of the three shapes."""

@@ -89,7 +89,7 @@ def test_without_itm_retrieval_ranks_by_contrastive_similarity(tmp_path: Path, i
     import blipkit
     from blipkit.data.images import load_image
     from blipkit.eval.evaluate import evaluate
-    from blipkit.train.runner import open_dataset
+    from blipkit.data.dataset import open_dataset
 
     overrides = ["stage1.steps=2", "stage2.steps=1", "bridge.options.objectives=[itc,itg]"]
     train(load_recipe("tiny", overrides), output=tmp_path / "run", quiet=True)

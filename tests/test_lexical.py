@@ -14,7 +14,9 @@ from blipkit.errors import ConfigError, DataError
 from blipkit.model.build import add_language_model, build_model
 from blipkit.plugins.bridges.projectors import LinearProjector, MLPProjector
 from blipkit.train.lexical import lexical_init, spelled_targets
-from blipkit.train.runner import cached_features, open_dataset, train
+from blipkit.data.dataset import open_dataset
+from blipkit.features import cached_features
+from blipkit.train.runner import train
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from blipkit.data.images import load_image
 from blipkit.data.sample import Record, Sample
 from blipkit.errors import DataError
 
-__all__ = ["CORRUPT_IMAGE", "ImageTextDataset", "materialise_image"]
+__all__ = ["CORRUPT_IMAGE", "ImageTextDataset", "materialise_image", "open_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,3 +159,10 @@ def materialise_image(source: object) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise DataError(f"image source {source!r} returned {type(image).__name__}, not a PIL image")
     return image
+
+
+def open_dataset(name: str, split: str, options: dict[str, Any]) -> ImageTextDataset:
+    """Build a dataset through the dataset registry (a format name, ``prefix:source`` or a path)."""
+    from blipkit.plugin_manager import registries
+
+    return registries().datasets.create(name, split=split, **options)

@@ -1,4 +1,5 @@
-"""Run a model over a dataset split and score it: captions (COCO metrics, shapes accuracy) and VQA accuracy."""
+"""Run a model over a dataset split and score it: captions (COCO metrics and the dataset's own scorer), VQA
+accuracy, and retrieval recall@K."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from blipkit.io import atomic_path, atomic_write_json
 if TYPE_CHECKING:
     from blipkit.model.vlm import VisionLanguageModel
 
-__all__ = ["EvalResult", "evaluate", "write_results"]
+__all__ = ["EvalResult", "EvalRun", "evaluate", "evaluate_split", "write_results"]
 
 TASKS = ("caption", "vqa", "retrieval")
 
@@ -206,3 +207,42 @@ def write_results(result: EvalResult, out_dir: Path) -> tuple[Path, Path]:
     scores = out_dir / f"{result.task}_scores.json"
     atomic_write_json(scores, result.scores)
     return predictions, scores
+
+
+@dataclass
+class EvalRun:
+    """What ``evaluate_split`` did: the result, where it wrote it, and the samples it skipped."""
+
+    result: EvalResult
+    predictions: Path
+    scores: Path
+    skipped: dict[str, int]
+
+
+def evaluate_split(
+    model: str | Path | None,
+    task: str,
+    data: str,
+    split: str = "test",
+    options: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    generation: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    quiet: bool = False,
+) -> EvalRun:
+    """Load a model (a run directory or checkpoint; None: the last ``blipkit train`` run), score it on a
+    dataset split through the feature cache, and write ``<task>_predictions.jsonl`` and
+    ``<task>_scores.json`` into ``out`` (default: ``RUN/eval-SPLIT``): ``blipkit eval`` in Python."""
+    from blipkit.data.dataset import open_dataset
+    from blipkit.features import cached_features
+    from blipkit.model.build import load_model
+    from blipkit.model.persistence import last_run
+    from blipkit.train.feedback import CountProgress
+
+    run = Path(model) if model else last_run()
+    vlm = load_model(run)
+    dataset = cached_features(vlm, open_dataset(data, split, options or {}), quiet=quiet)
+    with CountProgress(f"{task} ({split})", len(dataset.records), quiet=quiet) as bar:
+        result = evaluate(vlm, dataset, task, batch_size=batch_size, generation=generation, progress=bar.advance)
+    predictions, scores = write_results(result, Path(out) if out else run / f"eval-{split}")
+    return EvalRun(result, predictions, scores, dict(dataset.skipped))

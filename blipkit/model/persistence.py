@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blipkit.config import Recipe, recipe_to_dict
-from blipkit.io import atomic_write_json, load_safetensors, read_json
+from blipkit.config import Recipe, recipe_from_dict, recipe_to_dict
+from blipkit.errors import BlipkitError
+from blipkit.io import atomic_write_json, atomic_write_text, cache_dir, load_safetensors, read_json
 from blipkit.model.lora import has_lora, load_bridge_lora, load_llm_adapter, save_bridge, save_llm_adapter
 from blipkit.version import __version__
 
 if TYPE_CHECKING:
     from blipkit.model.vlm import VisionLanguageModel
 
-__all__ = ["META_FILE", "load_weights", "save_weights", "weights_dir", "write_meta"]
+__all__ = ["META_FILE", "last_run", "load_weights", "remember_last_run", "run_recipe", "save_weights", "weights_dir", "write_meta"]
 
 META_FILE = "blipkit.json"
+
+logger = logging.getLogger(__name__)
 
 
 def save_weights(model: VisionLanguageModel, directory: Path) -> None:
@@ -53,3 +57,27 @@ def weights_dir(path: Path, part: str) -> Path:
     if meta_file.exists():
         return path / read_json(meta_file).get("checkpoint", ".") / part
     return path
+
+
+def run_recipe(run_dir: str | Path) -> Recipe:
+    """The recipe a run directory was trained with (its ``blipkit.json``), e.g. to resume it."""
+    meta_file = Path(run_dir) / META_FILE
+    if not meta_file.exists():
+        raise BlipkitError(f"{run_dir} holds no run ({META_FILE} missing); start one with: blipkit train")
+    return recipe_from_dict(read_json(meta_file)["recipe"])
+
+
+def remember_last_run(run_dir: Path) -> None:
+    """Record ``run_dir`` as the last finished run, which ``last_run`` returns."""
+    try:
+        atomic_write_text(cache_dir() / "last-run", str(run_dir.resolve()))
+    except OSError as err:
+        logger.warning("could not record the last run in %s: %s", cache_dir(), err)
+
+
+def last_run() -> Path:
+    """The last finished ``blipkit train`` run (on this machine, for this ``BLIPKIT_CACHE``)."""
+    marker = cache_dir() / "last-run"
+    if marker.exists() and Path(marker.read_text().strip()).exists():
+        return Path(marker.read_text().strip())
+    raise BlipkitError("no --model given and no finished 'blipkit train' run found; train one with: blipkit train")

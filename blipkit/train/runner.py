@@ -11,7 +11,6 @@ process computes over the whole batch.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,19 +21,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from blipkit.config import SHORTHAND_STAGES, Recipe, StageConfig
-from blipkit.data.dataset import CORRUPT_IMAGE
-from blipkit.data.feature_cache import CachedFeatureDataset, FeatureCache
+from blipkit.data.dataset import CORRUPT_IMAGE, open_dataset
 from blipkit.distributed import Ranks
 from blipkit.errors import ConfigError, PeerLostError, one_line
+from blipkit.features import cached_features
 from blipkit.interfaces import Objective
-from blipkit.io import atomic_write_text, cache_dir, read_json
+from blipkit.io import read_json
 from blipkit.model.build import add_language_model, build_model
 from blipkit.model.lora import has_lora
-from blipkit.model.persistence import META_FILE, load_weights
+from blipkit.model.persistence import META_FILE, load_weights, remember_last_run
 from blipkit.model.vlm import VisionLanguageModel
 from blipkit.plugin_manager import registries
 from blipkit.train.checkpoint import Checkpointer, ResumePoint, append_metrics, open_run_dir
-from blipkit.train.feedback import CountProgress, StageProgress, plot_curves
+from blipkit.train.feedback import StageProgress, plot_curves
 from blipkit.train.lexical import LexicalFit
 from blipkit.train.memory import reuse_freed_memory
 from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
@@ -49,7 +48,7 @@ from blipkit.train.processes import (
 from blipkit.train.sampling import BatchIndexSampler, stage_indices
 from blipkit.train.state import load_trainer_state, restore_rng, rng_state
 
-__all__ = ["TrainResult", "cached_features", "open_dataset", "run_dir_for", "train"]
+__all__ = ["TrainResult", "run_dir_for", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +76,6 @@ class TrainResult:
 def run_dir_for(recipe: Recipe, output: str | Path | None) -> Path:
     """The run directory: ``output`` if given, else the recipe's ``output`` pattern."""
     return Path(output) if output else Path(recipe.output.format(name=recipe.name))
-
-
-def open_dataset(name: str, split: str, options: dict[str, Any]) -> Any:
-    """Build a dataset through the dataset registry (a format name, ``prefix:source`` or a path)."""
-    return registries().datasets.create(name, split=split, **options)
 
 
 def train(
@@ -220,7 +214,7 @@ class _Trainer:
         self.result.skipped = _skipped_everywhere(training_data, self.ranks)
         if self.result.completed and self.ranks.is_main:
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
-            _remember_last_run(self.run_dir)
+            remember_last_run(self.run_dir)
 
 
 def _skipped_everywhere(data: Any, ranks: Ranks) -> dict[str, int]:
@@ -410,32 +404,3 @@ def validate(model: VisionLanguageModel, dataset: Any, tasks: list[str], stage: 
         scores.update({f"{task}/{k}": v for k, v in outcome.scores.items() if isinstance(v, (int, float))})
     append_metrics(run_dir, {"stage": stage.name, "step": stage.steps, "split": dataset.split, **scores})
     return scores
-
-
-def cached_features(
-    model: VisionLanguageModel, dataset: Any, quiet: bool = False, batch_size: int = 32, ranks: Ranks | None = None
-) -> CachedFeatureDataset:
-    """Encode every image of ``dataset`` not yet in the feature cache, and view the dataset through it.
-
-    Under several processes every process calls this with ``ranks``: each encodes its share."""
-    encoder = model.encoder
-    cache = FeatureCache(encoder.cache_key)
-
-    def encode(images: list[Any]) -> torch.Tensor:
-        return model.image_tokens(torch.stack([encoder.preprocess(image) for image in images]))
-
-    ranks = ranks or Ranks()
-
-    def plan(images: int, size: int) -> None:
-        bar.restart(f"encoding {images} images ({size / 2**20:.1f} MiB of features)", math.ceil(images / ranks.world))
-
-    with CountProgress("checking the feature cache", None, quiet=quiet) as bar:
-        keys = cache.fill(dataset.records, encode, batch_size=batch_size, progress=bar.advance, ranks=ranks, on_plan=plan)
-    return CachedFeatureDataset(dataset, cache, keys)
-
-
-def _remember_last_run(run_dir: Path) -> None:
-    try:
-        atomic_write_text(cache_dir() / "last-run", str(run_dir.resolve()))
-    except OSError as err:
-        logger.warning("could not record the last run in %s: %s", cache_dir(), err)
