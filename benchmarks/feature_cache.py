@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from blipkit.plugins.bridges.qformer.objectives import stage1_loss
 from blipkit.train.memory import reuse_freed_memory
 
 
@@ -43,7 +44,7 @@ def epoch(model, loader_batches, optimizer) -> float:
     for batch in loader_batches():
         tokens = model.batch_tokens(batch)
         ids = batch["image_keys"].to(device)
-        losses = model.bridge.stage1_loss(tokens, batch["bridge_text"], image_ids=ids)
+        losses = stage1_loss(model.bridge, tokens, batch["bridge_text"], image_ids=ids)
         losses["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ import torch
 
 from blipkit.plugins.bridges.qformer.keymap import map_transformers
 from blipkit.plugins.bridges.qformer.model import QFormer
+from blipkit.plugins.bridges.qformer.objectives import stage1_loss
 from blipkit.plugins.bridges.qformer.weights import load_mapped
 
 QUERIES, HIDDEN, LAYERS, HEADS, FFN, FREQ = 32, 768, 12, 12, 3072, 2
@@ -168,7 +169,7 @@ def run(
             ours.zero_grad(set_to_none=True)
 
         def stage1_step() -> None:
-            ours.stage1_loss(image, tokens)["loss"].backward()
+            stage1_loss(ours, image, tokens)["loss"].backward()
             ours.zero_grad(set_to_none=True)
 
         steps = {"matmul": matmul, "transformers": transformers_step, "blipkit": blipkit_step}

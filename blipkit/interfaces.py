@@ -75,8 +75,7 @@ class Bridge(nn.Module, abc.ABC):
     into the LLM's embedding space. ``config`` holds the constructor keyword arguments, so that
     ``save_pretrained`` / ``from_pretrained`` round-trip any bridge exactly.
 
-    Optional parts (docs/plugins.md): ``supports_stage1`` (it has stage-1 heads an objective trains),
-    ``aux_loss_weight`` (how much of ``BridgeOutput.aux_loss`` the training loss adds),
+    Optional parts (docs/plugins.md): ``aux_loss_weight`` (how much of ``BridgeOutput.aux_loss`` the training loss adds),
     ``lora_always_trainable`` (parameter-name patterns that keep training under LoRA), ``readout`` /
     ``set_readout`` (a linear read-out a warm start can fit), and retrieval: ``supports_retrieval`` with
     ``image_embeds``, ``text_embeds``, ``similarity``, and ``has_itm`` with ``itm_score``.
@@ -85,7 +84,6 @@ class Bridge(nn.Module, abc.ABC):
     output_dim: int
     num_queries: int | None
     config: dict[str, Any]
-    supports_stage1: ClassVar[bool] = False
     supports_retrieval: ClassVar[bool] = False
     has_itm: bool = False
     aux_loss_weight: float = 0.0

@@ -160,7 +160,7 @@ def test_registered_factory_and_output_dim_check() -> None:
     entry = registries().bridges.resolve("qformer").entry
     assert entry.plugin == "blipkit.plugins.bridges.qformer"
     bridge = registries().bridges.create("qformer", input_dim=24, init=None, tokenizer="char", **SIZES)
-    assert bridge.supports_stage1 and bridge.output_dim == 32 and bridge.num_queries == 4
+    assert isinstance(bridge, QFormer) and bridge.supports_retrieval and bridge.output_dim == 32 and bridge.num_queries == 4
     assert bridge(torch.randn(1, 3, 24)).queries.shape == (1, 4, 32)
     with pytest.raises(BlipkitError):
         registries().bridges.create("qformer", input_dim=24, output_dim=99, init=None, tokenizer="char", **SIZES)

@@ -12,6 +12,7 @@ from blipkit.errors import BlipkitError, ConfigError
 from blipkit.plugins.bridges.qformer import objectives
 from blipkit.plugins.bridges.qformer.layers import Attention, ImageBlock, additive_mask
 from blipkit.plugins.bridges.qformer.model import QFormer
+from blipkit.plugins.bridges.qformer.objectives import stage1_loss
 
 SIZES = dict(num_queries=4, num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64, max_position_embeddings=64)
 CAPTIONS = [
@@ -236,7 +237,7 @@ def test_losses_and_gradients_equal_direct_recomputation(monkeypatch) -> None:
     monkeypatch.setattr(
         objectives, "sample_hard_negatives", lambda *args: drawn.append(sample(*args)) or drawn[-1]
     )
-    losses = model.stage1_loss(image_tokens, texts)
+    losses = stage1_loss(model, image_tokens, texts)
     losses["loss"].backward()
     grads = {name: param.grad.clone() for name, param in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -276,9 +277,9 @@ def test_chosen_objectives_train_alone_and_equal_the_full_losses(chosen: tuple[s
     part.load_state_dict(full.state_dict())
     image_tokens = torch.randn(4, 7, 24)
     torch.manual_seed(0)
-    reference = full.stage1_loss(image_tokens, CAPTIONS[:4])
+    reference = stage1_loss(full, image_tokens, CAPTIONS[:4])
     torch.manual_seed(0)
-    losses = part.stage1_loss(image_tokens, CAPTIONS[:4])
+    losses = stage1_loss(part, image_tokens, CAPTIONS[:4])
     losses["loss"].backward()
 
     assert set(losses) == {"loss", *chosen, *(["itm_acc"] if "itm" in chosen else [])}
@@ -332,7 +333,7 @@ def test_image_ids_make_same_image_captions_positive_in_itc() -> None:
     texts = CAPTIONS[:4]
     ids = torch.tensor([7, 7, 8, 9])
     with torch.no_grad():
-        losses = model.stage1_loss(image_tokens, texts, image_ids=ids)
+        losses = stage1_loss(model, image_tokens, texts, image_ids=ids)
         sim = model.similarity(model.image_embeds(image_tokens), model.text_embeds(texts)).double()
         sim = sim / model.temp.double()
     pos = (ids[:, None] == ids[None, :]).double()
@@ -349,9 +350,9 @@ def test_image_mask_in_stage1() -> None:
     changed = image_tokens.clone()
     changed[:, 6:] = torch.randn(3, 3, 24)
     torch.manual_seed(0)
-    a = model.stage1_loss(image_tokens, CAPTIONS[:3], image_mask=mask)
+    a = stage1_loss(model, image_tokens, CAPTIONS[:3], image_mask=mask)
     torch.manual_seed(0)
-    b = model.stage1_loss(changed, CAPTIONS[:3], image_mask=mask)
+    b = stage1_loss(model, changed, CAPTIONS[:3], image_mask=mask)
     for key in ("itc", "itm", "itg"):
         assert abs(a[key].item() - b[key].item()) < 1e-5
 
@@ -363,7 +364,7 @@ def test_overfitting_eight_pairs_lowers_every_loss() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     history = []
     for _ in range(30):
-        losses = model.stage1_loss(images, tokens)
+        losses = stage1_loss(model, images, tokens)
         assert all(torch.isfinite(v) for v in losses.values())
         optimizer.zero_grad()
         losses["loss"].backward()
@@ -453,7 +454,7 @@ def _rank_worker(rank: int, directory: str) -> None:
         return grads
 
     local = LOCAL[rank]
-    losses = model.stage1_loss(images[local], CAPTIONS[local], image_mask=IMAGE_MASK[local], image_ids=IMAGE_IDS[local])
+    losses = stage1_loss(model, images[local], CAPTIONS[local], image_mask=IMAGE_MASK[local], image_ids=IMAGE_IDS[local])
     # The trainer weights each rank's loss by n_r * world / n_total and DDP averages over ranks: the same as
     # weighting by n_r / n_total and summing.
     (losses["itc"] * len(CAPTIONS[local]) / len(CAPTIONS)).backward()
@@ -461,7 +462,7 @@ def _rank_worker(rank: int, directory: str) -> None:
 
     drawn.clear()
     pair_images = images[rank : rank + 1].clone().requires_grad_()
-    losses = model.stage1_loss(pair_images, CAPTIONS[rank : rank + 1], image_mask=IMAGE_MASK[rank : rank + 1])
+    losses = stage1_loss(model, pair_images, CAPTIONS[rank : rank + 1], image_mask=IMAGE_MASK[rank : rank + 1])
     ((losses["itc"] + losses["itm"]) / 2).backward()
     pairs = {
         "losses": {k: v.detach() for k, v in losses.items()}, "grads": summed_grads(), "drawn": drawn,
@@ -494,7 +495,7 @@ def _assert_same_grads(grads: dict[str, torch.Tensor], reference: dict[str, torc
 def test_itc_over_unequal_ranks_equals_one_process_on_the_global_batch(two_ranks: list[dict]) -> None:
     runs = [r["unequal"] for r in two_ranks]
     model, images = _global_batch()
-    full = model.stage1_loss(images, CAPTIONS, image_mask=IMAGE_MASK, image_ids=IMAGE_IDS)
+    full = stage1_loss(model, images, CAPTIONS, image_mask=IMAGE_MASK, image_ids=IMAGE_IDS)
     full["itc"].backward()
     for key in ("itc", "itg"):
         # ITG rescales each rank's token mean so that weighting ranks by rows gives the mean over all tokens.
@@ -520,7 +521,7 @@ def test_itm_negatives_come_from_the_other_rank(two_ranks: list[dict]) -> None:
         assert [negatives.tolist() for negatives in run["drawn"]] == [[1 - rank], [1 - rank]]
     model, images = _global_batch()
     pair_images = images[:2].clone().requires_grad_()
-    full = model.stage1_loss(pair_images, CAPTIONS[:2], image_mask=IMAGE_MASK[:2])
+    full = stage1_loss(model, pair_images, CAPTIONS[:2], image_mask=IMAGE_MASK[:2])
     (full["itc"] + full["itm"]).backward()
     for key in ("itc", "itm"):
         assert torch.isfinite(full[key])

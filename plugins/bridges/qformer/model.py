@@ -20,7 +20,6 @@ from blipkit.io import atomic_path, load_safetensors, read_json
 
 from .init import MINILM, bert_state_for, build_tokenizer, init_bert_style, resolve_init
 from .layers import ImageBlock, KeyValue, QFormerLayer, additive_mask, real_rows
-from .objectives import OBJECTIVES
 
 TokenizedText = Mapping[str, torch.Tensor]
 LayerImages = Sequence[Sequence[ImageBlock] | None]
@@ -101,6 +100,10 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.norm(torch.cat(parts, dim=1)))
 
 
+OBJECTIVES = ("itc", "itm", "itg")
+"""The stage-1 losses a Q-Former can train: contrastive, matching, image-grounded generation."""
+
+
 def _chosen(objectives: Sequence[str] | None) -> tuple[str, ...]:
     """The stage-1 losses picked (all three when None), in BLIP-2's order; ConfigError for anything else."""
     objectives = OBJECTIVES if objectives is None else objectives
@@ -125,7 +128,6 @@ class QFormer(Bridge):
     and ``itm_score`` refuses.
     """
 
-    supports_stage1 = True
     supports_retrieval = True
     # BLIP-2 trains these fresh in every stage and they are not Linear layers, so LoRA cannot adapt them.
     lora_always_trainable = ("query_tokens", "ln_vision")
@@ -434,22 +436,6 @@ class QFormer(Bridge):
     ) -> torch.Tensor:
         """The "match" logit [B] of row-aligned pairs, averaged over queries (LAVIS's compute_itm)."""
         return self.itm_logits(image_tokens, text, image_mask)[:, 1]
-
-    def stage1_loss(
-        self,
-        image_tokens: torch.Tensor,
-        text: Sequence[str] | TokenizedText,
-        image_mask: torch.Tensor | None = None,
-        image_ids: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """BLIP-2 stage 1: ``loss`` (the sum of the trained ``objectives``), each of them by name, and
-        ``itm_acc`` when ITM trains. ``image_ids`` [B] marks captions of the same image as positives for ITC
-        and keeps them out of the ITM negatives."""
-        from .objectives import stage1_losses
-
-        tokens = self.as_tokenized(text)
-        with fp32(image_tokens.device):
-            return stage1_losses(self, image_tokens, tokens, image_mask, image_ids)
 
     # ---- persistence ---------------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@ hard negatives (ITM) and image-grounded text generation (ITG), with negatives fr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -14,11 +14,8 @@ from blipkit.distributed import current
 from blipkit.errors import DataError
 
 from .layers import ImageBlock, KeyValue, additive_mask, gather_rows
+from .model import QFormer, QueryPass, TokenizedText, fp32
 
-if TYPE_CHECKING:
-    from .model import QFormer, QueryPass
-
-OBJECTIVES = ("itc", "itm", "itg")
 LABEL_SMOOTHING = 0.1
 TEMP_RANGE = (0.001, 0.5)
 
@@ -285,3 +282,18 @@ def stage1_losses(
     if "itg" in wanted:
         losses["itg"] = _itg(model, queries, texts, split)
     return {"loss": sum(losses.values()), **losses, **metrics}
+
+
+def stage1_loss(
+    model: QFormer,
+    image_tokens: torch.Tensor,
+    text: Sequence[str] | TokenizedText,
+    image_mask: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """BLIP-2 stage 1 on a Q-Former: ``loss`` (the sum of its ``objectives``), each of them by name, and
+    ``itm_acc`` when ITM trains, for captions as strings or as the Q-Former's tokens. ``image_ids`` [B]
+    marks captions of the same image as positives for ITC and keeps them out of the ITM negatives."""
+    tokens = model.as_tokenized(text)
+    with fp32(image_tokens.device):
+        return stage1_losses(model, image_tokens, tokens, image_mask, image_ids)

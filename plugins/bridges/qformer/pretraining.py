@@ -15,6 +15,9 @@ from blipkit.data.sample import Sample
 from blipkit.interfaces import Objective
 from blipkit.model.vlm import VisionLanguageModel
 
+from .model import QFormer
+from .objectives import stage1_loss
+
 
 class QFormerText:
     """The Q-Former's tokens of each sample's caption (``{"bridge_text": ...}``), at most ``max_length``."""
@@ -36,8 +39,8 @@ class QFormerPretraining(Objective):
     evaluates = ("retrieval",)
 
     def applies_to(self, model: VisionLanguageModel) -> bool:
-        """Only a bridge with the Q-Former's stage-1 heads trains with it; other bridges skip the stage."""
-        return bool(getattr(model.bridge, "supports_stage1", False))
+        """Only a Q-Former (it has the stage-1 heads) trains with it; other bridges skip the stage."""
+        return isinstance(model.bridge, QFormer)
 
     def trainable(self, model: VisionLanguageModel) -> dict[str, torch.nn.Module]:
         """The Q-Former."""
@@ -50,5 +53,5 @@ class QFormerPretraining(Objective):
     def loss(self, model: VisionLanguageModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The sum of the Q-Former's stage-1 losses, each of them, and ITM's accuracy when it trains."""
         tokens = model.batch_tokens(batch)
-        return model.bridge.stage1_loss(tokens, batch["bridge_text"], image_mask=batch.get("image_mask"),
-                                        image_ids=batch.get("image_keys"))
+        return stage1_loss(model.bridge, tokens, batch["bridge_text"], image_mask=batch.get("image_mask"),
+                           image_ids=batch.get("image_keys"))
