@@ -58,6 +58,57 @@ def spelled_targets(embeddings: torch.Tensor, labels: torch.Tensor, num_queries:
     return targets, usable
 
 
+class _RidgeSums:
+    """The sums a ridge regression of targets on features needs, added up batch by batch in float64."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+        self.square_sum = self.residual_square = 0.0
+        self.rows = self.used = 0
+
+    def add(self, features: torch.Tensor, fixed: torch.Tensor | None, targets: torch.Tensor, usable: torch.Tensor) -> None:
+        """Add the ``usable`` rows of one batch: features [B, Q, F], the fixed part and targets [B, Q, D]."""
+        usable = usable.to(features.device)
+        flat = features[usable].double().flatten(0, 1)
+        goal = targets.to(features.device)[usable].flatten(0, 1)
+        residual = goal - fixed[usable].double().flatten(0, 1) if fixed is not None else goal
+        parts = (flat.T @ flat, flat.T @ residual, goal.sum(0))
+        if self.gram is None:
+            self.gram, self.cross, self.total = parts
+        else:
+            self.gram, self.cross, self.total = self.gram + parts[0], self.cross + parts[1], self.total + parts[2]
+        self.square_sum += float(goal.pow(2).sum())
+        self.residual_square += float(residual.pow(2).sum())
+        self.rows += flat.shape[0]
+        self.used += int(usable.sum())
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, float]:
+        """The read-out [F, D] (``ridge`` times the rows added to the Gram diagonal) and its R2."""
+        gram, cross = self.gram, self.cross
+        regularised = gram + ridge * self.rows * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        weight = torch.linalg.solve(regularised, cross)
+        # |R - A W|^2 = |R|^2 - 2 <W, A'R> + <W, A'A W>, with R the targets less the fixed part.
+        error = self.residual_square - 2 * float((weight * cross).sum()) + float((weight * (gram @ weight)).sum())
+        spread = self.square_sum - float(self.total.pow(2).sum()) / self.rows
+        return weight, 1.0 - error / spread if spread > 0 else float("nan")
+
+
+def _caption_indices(dataset: Any, max_samples: int, seed: int) -> list[int]:
+    """Up to ``max_samples`` caption samples of ``dataset``, drawn with ``seed`` when there are more."""
+    captions = [i for i, record in enumerate(dataset.records) if record.task == "caption"]
+    if not captions:
+        raise DataError(
+            "stage2.projection_init: lexical fits the projection to captions, and the training data has none; "
+            "add caption samples or remove the key"
+        )
+    if len(captions) > max_samples:
+        order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))
+        captions = sorted(captions[i] for i in order[:max_samples].tolist())
+    return captions
+
+
 @torch.no_grad()
 def lexical_init(
     model: VisionLanguageModel,
@@ -76,24 +127,14 @@ def lexical_init(
     projection, llm = model.projection, model.llm
     if projection is None or llm is None:
         raise ConfigError("stage2.projection_init: the model has no projection or language model yet")
-    captions = [i for i, record in enumerate(dataset.records) if record.task == "caption"]
-    if not captions:
-        raise DataError(
-            "stage2.projection_init: lexical fits the projection to captions, and the training data has none; "
-            "add caption samples or remove the key"
-        )
-    if len(captions) > max_samples:
-        order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(recipe.seed))
-        captions = sorted(captions[i] for i in order[:max_samples].tolist())
+    captions = _caption_indices(dataset, max_samples, recipe.seed)
     collator = Collator(
         model.encoder.preprocess if model.encoder is not None else None,
         LanguageModelText(llm.tokenize, caption_prompt=recipe.data.caption_prompt),
     )
+    sums = _RidgeSums()
     was_training = model.training
     model.eval()
-    gram = cross = total = None
-    square_sum = residual_square = 0.0
-    rows = used = 0
     try:
         with CountProgress("fitting the projection", len(captions), quiet=quiet) as bar:
             for start in range(0, len(captions), batch_size):
@@ -102,8 +143,7 @@ def lexical_init(
                 bar.advance(len(chunk))
                 if not batch.get("size"):
                     continue
-                tokens = model.batch_tokens(batch)
-                queries = model.bridge(tokens, batch.get("image_mask")).queries
+                queries = model.bridge(model.batch_tokens(batch), batch.get("image_mask")).queries
                 readout = projection.readout(queries)
                 if readout is None:
                     raise ConfigError(
@@ -112,31 +152,14 @@ def lexical_init(
                     )
                 features, fixed = readout
                 labels = batch["lm"].labels
-                embeddings = llm.embed(labels.clamp_min(0)).double()
-                targets, usable = spelled_targets(embeddings, labels, features.shape[1])
-                if not usable.any():
-                    continue
-                usable = usable.to(features.device)
-                flat = features[usable].double().flatten(0, 1)
-                goal = targets.to(features.device)[usable].flatten(0, 1)
-                residual = goal - fixed[usable].double().flatten(0, 1) if fixed is not None else goal
-                gram = flat.T @ flat if gram is None else gram + flat.T @ flat
-                cross = flat.T @ residual if cross is None else cross + flat.T @ residual
-                total = goal.sum(0) if total is None else total + goal.sum(0)
-                square_sum += float(goal.pow(2).sum())
-                residual_square += float(residual.pow(2).sum())
-                rows += flat.shape[0]
-                used += int(usable.sum())
+                targets, usable = spelled_targets(llm.embed(labels.clamp_min(0)).double(), labels, features.shape[1])
+                if usable.any():
+                    sums.add(features, fixed, targets, usable)
     finally:
         model.train(was_training)
-    if gram is None:
+    if sums.gram is None:
         raise DataError("stage2.projection_init: no caption sample could be used (all images failed or captions empty)")
-    regularised = gram + ridge * rows * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    weight = torch.linalg.solve(regularised, cross)
-    # |R - A W|^2 = |R|^2 - 2 <W, A'R> + <W, A'A W>, with R the targets less the fixed part.
-    error = residual_square - 2 * float((weight * cross).sum()) + float((weight * (gram @ weight)).sum())
-    spread = square_sum - float(total.pow(2).sum()) / rows
-    r2 = 1.0 - error / spread if spread > 0 else float("nan")
+    weight, r2 = sums.solve(ridge)
     projection.set_readout(weight.to(next(projection.parameters()).dtype))
-    logger.info("lexical projection init: %d captions, %d features, R2 %.3f", used, gram.shape[0], r2)
-    return LexicalFit(samples=used, features=gram.shape[0], r2=r2)
+    logger.info("lexical projection init: %d captions, %d features, R2 %.3f", sums.used, weight.shape[0], r2)
+    return LexicalFit(samples=sums.used, features=weight.shape[0], r2=r2)
