@@ -175,9 +175,8 @@ def _tower_geometry(visual: nn.Module, arch: str, layer: int) -> tuple[nn.Module
     return trunk, index, False, geometry
 
 
-def load_open_clip(arch: str, pretrained: str | None, layer: int = -2, seed: int = 0) -> Encoder:
-    """Build open_clip model ``arch`` with weights ``pretrained`` (tag, .safetensors file, or None = random)."""
-    open_clip = _import_open_clip()
+def _checked_name(open_clip: Any, arch: str) -> str:
+    """open_clip's name for ``arch``, or a one-line error with the closest known names."""
     name = arch.replace("/", "-")
     known = open_clip.list_models()
     if name not in known:
@@ -187,29 +186,35 @@ def load_open_clip(arch: str, pretrained: str | None, layer: int = -2, seed: int
             f"open_clip has no model '{arch}'; {hint}list them with: "
             "python -c \"import open_clip; print(open_clip.list_models())\""
         )
-    tag: str | None = None
-    weights_file: Path | None = None
-    quick_gelu = False
-    if pretrained is not None:
-        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        if tag_cfg:
-            tag = pretrained
-            quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-        elif pretrained.endswith(".safetensors") or os.sep in pretrained or Path(pretrained).expanduser().exists():
-            weights_file = Path(pretrained).expanduser()
-            if not weights_file.is_file():
-                raise unavailable(f"weights file {weights_file} for open_clip {name} does not exist; check the path")
-            if weights_file.suffix != ".safetensors":
-                raise ConfigError(
-                    f"{weights_file}: only .safetensors weight files are loaded (pickled checkpoints are never "
-                    "unpickled); convert it with safetensors.torch.save_file"
-                )
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(name)
+    return name
+
+
+def _weights_source(open_clip: Any, name: str, pretrained: str | None) -> tuple[str | None, Path | None, bool]:
+    """Where ``pretrained`` points: (an open_clip tag, a local .safetensors file, whether it needs QuickGELU)."""
+    if pretrained is None:
+        return None, None, False
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg:
+        return pretrained, None, bool(tag_cfg.get("quick_gelu", False))
+    if pretrained.endswith(".safetensors") or os.sep in pretrained or Path(pretrained).expanduser().exists():
+        weights_file = Path(pretrained).expanduser()
+        if not weights_file.is_file():
+            raise unavailable(f"weights file {weights_file} for open_clip {name} does not exist; check the path")
+        if weights_file.suffix != ".safetensors":
             raise ConfigError(
-                f"open_clip {name} has no pretrained tag '{pretrained}'; known tags: {', '.join(tags) or 'none'}; "
-                "or give a .safetensors weights file"
+                f"{weights_file}: only .safetensors weight files are loaded (pickled checkpoints are never "
+                "unpickled); convert it with safetensors.torch.save_file"
             )
+        return None, weights_file, False
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise ConfigError(
+        f"open_clip {name} has no pretrained tag '{pretrained}'; known tags: {', '.join(tags) or 'none'}; "
+        "or give a .safetensors weights file"
+    )
+
+
+def _visual_tower(open_clip: Any, name: str, tag: str | None, quick_gelu: bool, seed: int) -> nn.Module:
+    """The image tower of open_clip model ``name`` with the weights of ``tag`` (random with ``seed`` for None)."""
     preprocess = None if tag else _arch_preprocess(open_clip, name)
     with seeded(seed):
         try:
@@ -230,8 +235,15 @@ def load_open_clip(arch: str, pretrained: str | None, layer: int = -2, seed: int
                 f"({type(err).__name__}); give a local file as open_clip:{name}:/path/to/weights.safetensors, "
                 "or run once where the Hugging Face hub is reachable so the cache fills"
             ) from err
-    visual = model.visual
-    del model
+    return model.visual
+
+
+def load_open_clip(arch: str, pretrained: str | None, layer: int = -2, seed: int = 0) -> Encoder:
+    """Build open_clip model ``arch`` with weights ``pretrained`` (tag, .safetensors file, or None = random)."""
+    open_clip = _import_open_clip()
+    name = _checked_name(open_clip, arch)
+    tag, weights_file, quick_gelu = _weights_source(open_clip, name, pretrained)
+    visual = _visual_tower(open_clip, name, tag, quick_gelu, seed)
     if weights_file is not None:
         _load_visual_weights(visual, weights_file, name)
     preprocess_cfg = dict(visual.preprocess_cfg)
