@@ -251,7 +251,8 @@ def train(
     `accelerate launch --multi_gpu --num_processes N -m blipkit train ...` and `torchrun
     --nproc_per_node N -m blipkit train ...` work too (docs/scaling.md).
     """
-    from blipkit.config import load_recipe, validate_recipe
+    from blipkit.config import load_recipe
+    from blipkit.recipe_check import validate_recipe
     from blipkit.distributed import launched_rank
     from blipkit.model.persistence import run_recipe
     from blipkit.train.runner import run_dir_for
@@ -381,7 +382,8 @@ def recipes_cp(name: str, dest: str) -> None:
 @click.argument("overrides", nargs=-1)
 def recipes_validate(recipe: str, overrides: tuple[str, ...]) -> None:
     """Check RECIPE (a name or YAML file): keys, names and options, without loading weights."""
-    from blipkit.config import load_recipe, validate_recipe
+    from blipkit.config import load_recipe
+    from blipkit.recipe_check import validate_recipe
 
     validate_recipe(load_recipe(recipe, list(overrides)))
     click.echo(f"{recipe}: ok")

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from blipkit.errors import BlipkitError, one_line
+from blipkit.errors import one_line
+
 
 def _resolve_model(model: str | None) -> str:
     from blipkit.model.persistence import last_run

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from blipkit.cli import cli
-from blipkit.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict, validate_recipe
+from blipkit.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict
+from blipkit.recipe_check import validate_recipe
 from blipkit.errors import ConfigError
 from blipkit.plugin_manager import registries
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blipkit.config import load_recipe, validate_recipe
+from blipkit.config import load_recipe
+from blipkit.recipe_check import validate_recipe
 from blipkit.data.collate import Collator, LanguageModelText
 from blipkit.errors import ConfigError, DataError
 from blipkit.model.build import add_language_model, build_model
