@@ -90,16 +90,45 @@ def test_vqa_accuracy_rejects_bad_answers() -> None:
         vqa_accuracy("yes", "yes")  # type: ignore[arg-type]
 
 
+# Worked by hand from the official vqaEval.py: the prediction is normalised in full; the references get
+# punctuation processing only, and only when they are not all the same; each of the 10 leave-one-out
+# subsets scores min(1, matches / 3).
+@pytest.mark.parametrize(
+    ("prediction", "answers", "official", "lenient"),
+    [
+        # "2" never meets "two": references keep their words. Lenient: 2 matches -> (2 x 1/3 + 8 x 2/3) / 10.
+        ("2", ["two"] * 2 + ["3"] * 8, 0.0, 0.6),
+        # Identical references are not processed at all: "Two" stays "Two", the prediction becomes "2".
+        ("two", ["Two"] * 10, 0.0, 1.0),
+        ("a cat", ["a cat"] * 10, 0.0, 1.0),
+        # Mixed references get punctuation processing: "black/white" -> "black white", 3 matches ->
+        # leaving one of them out keeps 2 (2/3), leaving a "gray" out keeps 3 (1): (3 x 2/3 + 7) / 10.
+        ("black white", ["black/white"] * 3 + ["gray"] * 7, 0.9, 0.9),
+        # ... but not case folding or articles: only the 6 "red" match, and all 10 subsets keep >= 5.
+        ("RED", ["Red"] * 4 + ["red"] * 6, 1.0, 1.0),
+        ("the cat", ["the cat"] * 5 + ["cat"] * 5, 1.0, 1.0),
+        # "Red" x 2 never matches "red": 1 match -> (1 x 0 + 9 x 1/3) / 10. Lenient: 3 -> (3 x 2/3 + 7) / 10.
+        ("red", ["Red"] * 2 + ["red"] + ["blue"] * 7, 0.3, 0.9),
+        ("yes", ["yes"] * 10, 1.0, 1.0),
+    ],
+)
+def test_vqa_accuracy_is_the_official_score(prediction: str, answers: list[str], official: float, lenient: float) -> None:
+    assert vqa_accuracy(prediction, answers) == pytest.approx(official)
+    assert vqa_accuracy(prediction, answers, normalize_references=True) == pytest.approx(lenient)
+
+
 def test_vqa_scores_overall_and_per_type() -> None:
     predictions = ["yes", "2", "red", "no"]
     answers = [["yes"] * 10, ["two"] * 2 + ["3"] * 8, ["blue"] * 10, ["no"] * 10]
     types = ["yes/no", "number", "other", "yes/no"]
     expected = [vqa_accuracy(p, a) for p, a in zip(predictions, answers)]
-    assert expected == [1.0, pytest.approx(0.6), 0.0, 1.0]
+    assert expected == [1.0, 0.0, 0.0, 1.0]
     result = vqa_scores(predictions, answers, types)
     assert result["count"] == 4
     assert result["accuracy"] == pytest.approx(sum(expected) / 4)
-    assert result["per_type"] == {"yes/no": 1.0, "number": pytest.approx(0.6), "other": 0.0}
+    assert result["per_type"] == {"yes/no": 1.0, "number": 0.0, "other": 0.0}
+    lenient = vqa_scores(predictions, answers, types, normalize_references=True)
+    assert lenient["per_type"]["number"] == pytest.approx(0.6)
     keyed = vqa_scores(dict(enumerate(predictions)), dict(enumerate(answers)))
     assert keyed["accuracy"] == pytest.approx(result["accuracy"]) and keyed["per_type"] == {}
     with pytest.raises(DataError, match="3 predictions but 4 answer lists"):

@@ -79,7 +79,7 @@ def _digits_articles_contractions(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """An answer normalised as the official VQA v2 evaluation normalises predictions.
+    """A predicted answer normalised as the official VQA v2 evaluation normalises predictions.
 
     Newlines and tabs become spaces; punctuation is removed or spaced out (a mark is deleted when it touches a
     space or when the text holds a digit-comma-digit group, so "1,000" becomes "1000", and turned into a space
@@ -91,9 +91,8 @@ def normalize_answer(text: str) -> str:
     return _digits_articles_contractions(_strip_punctuation(text))
 
 
-def _accuracy_normalized(prediction: str, answers: Sequence[str]) -> float:
-    if len(answers) == 1:
-        return float(prediction == answers[0])
+def _consensus(prediction: str, answers: Sequence[str]) -> float:
+    """The mean, over leaving each answer out in turn (by position), of min(1, matches among the rest / 3)."""
     scores = []
     for left_out in range(len(answers)):
         matches = sum(1 for i, answer in enumerate(answers) if i != left_out and answer == prediction)
@@ -101,19 +100,34 @@ def _accuracy_normalized(prediction: str, answers: Sequence[str]) -> float:
     return sum(scores) / len(scores)
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """The VQA v2 accuracy of one predicted answer against the human answers, in [0, 1].
+def vqa_accuracy(prediction: str, answers: Sequence[str], normalize_references: bool = False) -> float:
+    """The VQA v2 accuracy of one predicted answer against the human answers, in [0, 1], exactly as the
+    official evaluation (``vqaEval.py``) computes it.
 
-    Prediction and answers are normalised with :func:`normalize_answer`. With n answers (10 in VQA v2) the
-    score is the mean, over the n ways of leaving one answer out, of min(1, matches among the rest / 3): with
-    10 answers, 1 match scores 0.3, 2 score 0.6, 3 score 0.9 and 4 or more score 1.0. A single answer leaves
-    nothing to compare with once left out, so it scores exact match (1.0 or 0.0) after normalisation.
+    The prediction is normalised with :func:`normalize_answer`. The answers get the official punctuation
+    processing only (no lowercasing, no number words, articles or contractions), and only when they are not
+    all the same: ten identical "Two" never match a prediction "two" (it normalises to "2"). With n answers
+    (10 in VQA v2) the score is the mean, over the n ways of leaving one answer out, of min(1, matches among
+    the rest / 3): with 10 answers, 1 match scores 0.3, 2 score 0.6, 3 score 0.9 and 4 or more 1.0.
+    A single answer (not VQA v2 data; the official code would score every prediction 0) scores exact match.
+
+    ``normalize_references=True`` is a lenient variant, not the official score: the answers are normalised
+    like the prediction, so "2" against ["two"] x 2 + ["3"] x 8 scores 0.6 instead of 0.0.
     """
     if isinstance(answers, str):
         raise DataError("vqa_accuracy: answers must be a list of strings, not a single string; wrap it in a list")
     if not answers:
         raise DataError("vqa_accuracy: a question has no reference answers; every question needs at least one")
-    return _accuracy_normalized(normalize_answer(prediction), [normalize_answer(a) for a in answers])
+    predicted = normalize_answer(prediction)
+    if normalize_references:
+        references = [normalize_answer(answer) for answer in answers]
+    elif len(set(answers)) > 1:
+        references = [_strip_punctuation(answer) for answer in answers]
+    else:
+        references = list(answers)
+    if len(references) == 1:
+        return float(predicted == references[0])
+    return _consensus(predicted, references)
 
 
 def _aligned(name: str, values: Sequence[Any] | Mapping[Any, Any], keys: list[Any] | None) -> list[Any]:
@@ -131,8 +145,10 @@ def vqa_scores(
     predictions: Sequence[str] | Mapping[Any, str],
     answers_list: Sequence[Sequence[str]] | Mapping[Any, Sequence[str]],
     answer_types: Sequence[str] | Mapping[Any, str] | None = None,
+    normalize_references: bool = False,
 ) -> dict[str, Any]:
-    """VQA v2 accuracy over a set of questions, overall and per answer type, as fractions in [0, 1].
+    """VQA v2 accuracy over a set of questions, overall and per answer type, as fractions in [0, 1]
+    (:func:`vqa_accuracy`: the official score unless ``normalize_references``).
 
     The arguments are parallel lists, or dicts keyed by question id (then ``answers_list`` and
     ``answer_types`` need every id of ``predictions``). Returns ``{"accuracy", "count", "per_type"}``, where
@@ -151,7 +167,7 @@ def vqa_scores(
         )
     if not preds:
         raise DataError("vqa_scores: no predictions to score; pass at least one question")
-    scores = [vqa_accuracy(p, a) for p, a in zip(preds, answers)]
+    scores = [vqa_accuracy(p, a, normalize_references) for p, a in zip(preds, answers)]
     by_type: dict[str, list[float]] = defaultdict(list)
     for kind, score in zip(types or [], scores):
         by_type[kind].append(score)
