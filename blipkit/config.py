@@ -159,6 +159,7 @@ class Recipe:
     checkpoint_every: int = 0
     keep_checkpoints: int = 1
     log_every: int = 10
+    max_skipped_steps: int = 10
 
     def stage(self, name: str) -> StageConfig | None:
         """The stage called ``name``, or None."""
@@ -341,6 +342,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         raise ConfigError(f"distributed.timeout_s: must be at least 1 second, got {recipe.distributed.timeout_s}")
     if recipe.data.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be at least 1, got {recipe.data.batch_size}")
+    if recipe.max_skipped_steps < 1:
+        raise ConfigError(f"max_skipped_steps: must be at least 1, got {recipe.max_skipped_steps}")
     for stage in recipe.stages:
         _check_stage(stage)
     if not recipe.stages:

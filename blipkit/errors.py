@@ -48,6 +48,10 @@ class DataError(BlipkitError):
     """A dataset or image that cannot be read."""
 
 
+class NonFiniteError(BlipkitError):
+    """Training met a non-finite loss or gradient norm too many steps in a row."""
+
+
 class PeerLostError(BlipkitError):
     """Another process of a multi-process run stopped (crashed, killed, out of memory); this one stops too."""
 

@@ -96,7 +96,7 @@ def plot_curves(metrics_file: Path, out: Path) -> bool:
         mine = [row for row in rows if row["stage"] == stage]
         steps = [row["step"] for row in mine]
         loss_axis, lr_axis = axes[0][column], axes[1][column]
-        for key in sorted({k for row in mine for k in row} - {"stage", "step", "lr", "samples_per_s"}):
+        for key in sorted({k for row in mine for k in row} - {"stage", "step", "lr", "samples_per_s", "skipped_steps"}):
             values = [row.get(key) for row in mine]
             if all(isinstance(v, (int, float)) for v in values):
                 loss_axis.plot(steps, values, label=key)

@@ -11,6 +11,7 @@ process computes over the whole batch.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from blipkit.config import SHORTHAND_STAGES, Recipe, StageConfig
 from blipkit.data.dataset import CORRUPT_IMAGE, open_dataset
 from blipkit.distributed import Ranks
-from blipkit.errors import ConfigError, PeerLostError, one_line
+from blipkit.errors import ConfigError, NonFiniteError, PeerLostError, one_line
 from blipkit.features import cached_features
 from blipkit.interfaces import Objective
 from blipkit.io import read_json
@@ -269,6 +270,8 @@ class _StageLoop:
         self.stage = stage
         self.objective = objective
         self.number = number
+        self.skipped = 0
+        self.skipped_in_row = 0
 
     def run(self, start_step: int, state: dict[str, Any] | None, completed: list[str], budget: int | None) -> tuple[int, dict[str, float]]:
         """Train from ``start_step`` to the stage's end (or ``budget`` steps); returns (steps done, last metrics)."""
@@ -353,16 +356,38 @@ class _StageLoop:
                 # accelerate divides by grad_accum and DDP averages over processes: undo both, weigh by share.
                 scale = share * self.ranks.world * stage.grad_accum
                 accelerator.backward(losses["loss"] if scale == 1.0 else losses["loss"] * scale)
-                if accelerator.sync_gradients and stage.grad_clip > 0:
-                    accelerator.clip_grad_norm_(params, stage.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) * share
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) * share
+                if accelerator.sync_gradients:
+                    self._update(optimizer, params, sums["loss"], step)
         keys = list(sums)
         values = self.ranks.reduce([*(sums[k] for k in keys), sum(b["size"] for b in micro)])
         elapsed = time.perf_counter() - started
-        return {**dict(zip(keys, values[:-1], strict=True)), "lr": lr_at(step, stage), "samples_per_s": values[-1] / elapsed}, drawn
+        metrics = dict(zip(keys, values[:-1], strict=True))
+        return {**metrics, "lr": lr_at(step, stage), "samples_per_s": values[-1] / elapsed, "skipped_steps": self.skipped}, drawn
+
+    def _update(self, optimizer: Any, params: list[torch.nn.Parameter], loss: float, step: int) -> None:
+        """Clip and apply the step's gradients, unless the loss or the gradient norm is not finite on some
+        process: then the step is skipped (as a GradScaler skips an overflow) and counted, and after
+        ``max_skipped_steps`` in a row the run stops, its last checkpoint untouched."""
+        accelerator, stage = self.accelerator, self.stage
+        norm = accelerator.clip_grad_norm_(params, stage.grad_clip if stage.grad_clip > 0 else float("inf"))
+        bad = not (math.isfinite(loss) and math.isfinite(float(norm)))
+        bad = self.ranks.reduce([float(bad)], "max")[0] > 0
+        if accelerator.scaler is not None:
+            optimizer.step()  # the GradScaler skips an overflow itself and lowers its scale
+            bad = bool(optimizer.step_was_skipped)
+        elif not bad:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped += bad
+        self.skipped_in_row = self.skipped_in_row + 1 if bad else 0
+        if self.skipped_in_row >= self.recipe.max_skipped_steps:
+            raise NonFiniteError(
+                f"{self.stage_name}: the loss or the gradients were not finite for {self.skipped_in_row} steps in a row "
+                f"(up to step {step + 1}); training stopped and the last checkpoint is kept. Lower the learning rate, "
+                "train in fp32 or bf16 rather than fp16, or check the data"
+            )
 
     def _items(self, batch: dict[str, Any]) -> int:
         """How many items a micro-batch's mean loss averages over: target tokens for the LM loss, rows otherwise."""
