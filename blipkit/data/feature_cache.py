@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,10 +31,10 @@ from blipkit.data.sample import Record, Sample
 from blipkit.distributed import Ranks
 from blipkit.errors import DataError
 from blipkit.io import atomic_write_json, cache_dir, read_json
+from blipkit.locks import HOST, process_alive
 
 __all__ = ["CachedFeatureDataset", "FeatureCache", "cache_size", "clear_cache"]
 
-_HOST = socket.gethostname()
 _STAGING = re.compile(r"\.shard-[^.]+\.(?P<host>.+)-(?P<pid>\d+)\.tmp")
 
 
@@ -72,18 +71,6 @@ def clear_cache() -> int:
 def _share(count: int, ranks: Ranks) -> range:
     """The indices of this process's part of ``count`` items: rank r of w takes the r-th of w near-equal runs."""
     return range(count * ranks.rank // ranks.world, count * (ranks.rank + 1) // ranks.world)
-
-
-def _alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _human(size: int) -> str:
@@ -315,7 +302,7 @@ class FeatureCache:
         """Delete the half-written shards of killed fills; only this host can tell whether their writer is alive."""
         for staging in self.path.glob(".shard-*.tmp"):
             match = _STAGING.fullmatch(staging.name)
-            if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+            if match and match["host"] == HOST and not process_alive(int(match["pid"])):
                 shutil.rmtree(staging, ignore_errors=True)
 
     def get(self, keys: Sequence[str]) -> torch.Tensor:
@@ -359,7 +346,7 @@ class _ShardWriter:
         shard = ArrowDataset.from_dict({"key": self.keys[:rows], "tokens": self.tokens[:rows]}, features=features)
         del self.keys[:rows], self.tokens[:rows]
         name = f"shard-r{self.rank:03d}-{uuid.uuid4().hex[:12]}"
-        staging = self.directory / f".{name}.{_HOST}-{os.getpid()}.tmp"
+        staging = self.directory / f".{name}.{HOST}-{os.getpid()}.tmp"
         shard.save_to_disk(str(staging))
         staging.rename(self.directory / name)
         self.written.append(name)

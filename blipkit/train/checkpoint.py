@@ -17,6 +17,7 @@ from blipkit.config import Recipe
 from blipkit.distributed import Ranks
 from blipkit.errors import BlipkitError
 from blipkit.io import atomic_write_text, read_json
+from blipkit.locks import DirectoryLock
 from blipkit.model.persistence import META_FILE, save_weights, write_meta
 from blipkit.model.vlm import VisionLanguageModel
 from blipkit.train.processes import whole_optimizer_state, whole_state_dicts
@@ -28,7 +29,8 @@ ResumePoint = tuple[dict[str, Any], Path]
 
 
 def open_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> ResumePoint | None:
-    """Check and prepare ``run_dir`` (main process only): where to resume from, or None for a fresh run."""
+    """Check and prepare ``run_dir`` (main process only, holding its lock): where to resume from, or None
+    for a fresh run."""
     if resume:
         resume_from = _resume_point(run_dir)
         if resume_from is not None:
@@ -40,7 +42,9 @@ def open_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -
                 f"{run_dir} already holds a run: continue it with --resume, replace it with --overwrite, "
                 "or choose another --output"
             )
-        shutil.rmtree(run_dir)
+        for child in run_dir.iterdir():
+            if child.name != DirectoryLock.name:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_meta(run_dir, recipe, checkpoint=".")
     return None
@@ -101,9 +105,17 @@ class Checkpointer:
         final = self.run_dir / "checkpoints" / name
         staging = self.run_dir / "checkpoints" / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        save_weights(model, staging)
-        scaler_state = scaler.state_dict() if scaler is not None else None
-        save_trainer_state(staging / "trainer_state", optimizer_state, scheduler, progress, rngs, scaler_state)
+        try:
+            save_weights(model, staging)
+            scaler_state = scaler.state_dict() if scaler is not None else None
+            save_trainer_state(staging / "trainer_state", optimizer_state, scheduler, progress, rngs, scaler_state)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            kept = read_json(self.run_dir / META_FILE).get("checkpoint", ".")
+            raise BlipkitError(
+                f"could not write checkpoint {name} ({err.strerror or err}); the previous one ({kept}) is intact. "
+                f"Free some space and continue with: blipkit train --resume {self.run_dir}"
+            ) from None
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         write_meta(self.run_dir, self.recipe, checkpoint=f"checkpoints/{name}", progress=progress)

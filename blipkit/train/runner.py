@@ -28,6 +28,7 @@ from blipkit.errors import ConfigError, NonFiniteError, PeerLostError, one_line
 from blipkit.features import cached_features
 from blipkit.interfaces import Objective
 from blipkit.io import read_json
+from blipkit.locks import DirectoryLock
 from blipkit.model.build import add_language_model, build_model
 from blipkit.model.lora import has_lora
 from blipkit.model.persistence import META_FILE, load_weights, remember_last_run
@@ -120,10 +121,29 @@ class _Trainer:
         self.result = TrainResult(run_dir, is_main=ranks.is_main, processes=ranks.world)
 
     def run(self, resume: bool, overwrite: bool, stop_after: int | None) -> TrainResult:
+        """Open the run directory (locked while training), then train every stage not yet completed."""
+        recipe, ranks = self.recipe, self.ranks
+        lock = DirectoryLock(self.run_dir, "training")
+
+        def open_locked() -> ResumePoint | None:
+            lock.acquire()
+            try:
+                return open_run_dir(self.run_dir, recipe, resume, overwrite)
+            except BaseException:
+                lock.release()
+                raise
+
+        resume_from: ResumePoint | None = main_first(ranks, open_locked)
+        try:
+            return self._run(resume_from, stop_after)
+        finally:
+            if ranks.is_main:
+                lock.release()
+
+    def _run(self, resume_from: ResumePoint | None, stop_after: int | None) -> TrainResult:
         from accelerate.utils import set_seed
 
         recipe, ranks = self.recipe, self.ranks
-        resume_from: ResumePoint | None = main_first(ranks, lambda: open_run_dir(self.run_dir, recipe, resume, overwrite))
         set_seed(recipe.seed)
         completed = list(resume_from[0]["completed"]) if resume_from else []
         dataset = open_dataset(recipe.data.train.name, recipe.data.train.split, recipe.data.train.options)
