@@ -66,14 +66,18 @@ class DataConfig:
     ``batch_size`` is the global batch of one forward pass, summed over every process of the run; each
     process takes its share of it, so the samples, their order and the schedule do not depend on the
     number of processes (an optimizer step sees ``batch_size x grad_accum`` samples).
-    ``feature_cache``: encode every image once with the frozen encoder and train from the stored tokens.
+    ``feature_cache``: encode every image once with the frozen encoder and train from the stored tokens;
+    None (the default) means on for datasets held in memory and off for streaming ones, which are read
+    once per epoch anyway. ``shuffle_buffer``: how many records a streaming dataset's reader shuffles
+    among (per process and DataLoader worker).
     """
 
     train: DatasetConfig = field(default_factory=DatasetConfig)
     validation: DatasetConfig | None = None
     batch_size: int = 16
     num_workers: int = 0
-    feature_cache: bool = True
+    feature_cache: bool | None = None
+    shuffle_buffer: int = 1000
     max_text_length: int = 32
     caption_prompt: str = ""
     vqa_prompt: str = "Question: {} Answer:"
@@ -342,6 +346,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         raise ConfigError(f"distributed.timeout_s: must be at least 1 second, got {recipe.distributed.timeout_s}")
     if recipe.data.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be at least 1, got {recipe.data.batch_size}")
+    if recipe.data.shuffle_buffer < 1:
+        raise ConfigError(f"data.shuffle_buffer: must be at least 1, got {recipe.data.shuffle_buffer}")
     if recipe.max_skipped_steps < 1:
         raise ConfigError(f"max_skipped_steps: must be at least 1, got {recipe.max_skipped_steps}")
     for stage in recipe.stages:

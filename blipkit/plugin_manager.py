@@ -43,6 +43,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "blipkit.plugins.objectives.language_modeling",
     "blipkit.plugins.datasets.formats",
     "blipkit.plugins.datasets.shapes",
+    "blipkit.plugins.datasets.webdataset_format",
     "blipkit.plugins.checkpoints.blip2",
     "blipkit.recipes",
 )

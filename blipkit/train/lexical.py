@@ -127,6 +127,11 @@ def lexical_init(
     projection, llm = model.projection, model.llm
     if projection is None or llm is None:
         raise ConfigError("stage2.projection_init: the model has no projection or language model yet")
+    if getattr(dataset, "streaming", False):
+        raise ConfigError(
+            "projection_init: lexical fits the projection to a dataset held in memory, and this one streams; "
+            "remove the key"
+        )
     captions = _caption_indices(dataset, max_samples, recipe.seed)
     collator = Collator(
         model.encoder.preprocess if model.encoder is not None else None,

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from blipkit.config import SHORTHAND_STAGES, Recipe, StageConfig
 from blipkit.data.dataset import CORRUPT_IMAGE, open_dataset
+from blipkit.data.stream import StreamBatches
 from blipkit.distributed import Ranks
 from blipkit.errors import ConfigError, NonFiniteError, PeerLostError, one_line
 from blipkit.features import cached_features
@@ -152,7 +153,7 @@ class _Trainer:
             model = build_model(recipe, with_llm=False, frozen_dtype=frozen_dtype(self.accelerator))
         model.to(self.accelerator.device)
         training_data: Any = dataset
-        if recipe.data.feature_cache:
+        if _use_cache(recipe, dataset):
             training_data = cached_features(model, dataset, quiet=self.quiet, ranks=ranks)
             self.result.feature_cache = training_data.cache.path
         validation_data = self._validation_data(model)
@@ -220,7 +221,12 @@ class _Trainer:
         if split is None:
             return None
         dataset = open_dataset(split.name, split.split, split.options)
-        if self.recipe.data.feature_cache:
+        if getattr(dataset, "streaming", False):
+            raise ConfigError(
+                f"data.validation: '{split.name}' streams, and validation scores a split held in memory; "
+                "give a map-style dataset (a JSON, a folder, shapes) or remove the key"
+            )
+        if _use_cache(self.recipe, dataset):
             dataset = cached_features(model, dataset, quiet=self.quiet, ranks=self.ranks)
         return dataset
 
@@ -241,12 +247,29 @@ class _Trainer:
 def _skipped_everywhere(data: Any, ranks: Ranks) -> dict[str, int]:
     """The samples the run skipped, over every process: what the dataset found when it was built (the same
     on each) and the images any process found unreadable when it loaded them."""
+    if getattr(data, "streaming", False):
+        # Each process reads records no other reads, so their counts add up.
+        total: Counter[str] = Counter()
+        for counts in ranks.gather_objects(dict(data.skipped)):
+            total.update(counts)
+        return {reason: count for reason, count in total.items() if count}
     dataset = getattr(data, "dataset", data)
     skipped = Counter(data.skipped)
     mine = getattr(dataset, "unreadable", frozenset())
     everywhere = frozenset().union(*ranks.gather_objects(mine))
     skipped[CORRUPT_IMAGE] += len(everywhere) - len(mine)
     return {reason: count for reason, count in skipped.items() if count}
+
+
+def _use_cache(recipe: Recipe, dataset: Any) -> bool:
+    """Whether to train from cached features: the recipe's choice, else yes unless the dataset streams."""
+    streaming = getattr(dataset, "streaming", False)
+    if recipe.data.feature_cache and streaming:
+        raise ConfigError(
+            f"data.feature_cache: dataset '{dataset.name}' streams; the cache needs a dataset held in memory. "
+            "Remove the key (streaming data is read without it), or fill the cache from a map-style copy"
+        )
+    return not streaming if recipe.data.feature_cache is None else recipe.data.feature_cache
 
 
 def _seed_offset(stage: StageConfig, number: int) -> int:
@@ -292,6 +315,7 @@ class _StageLoop:
         self.number = number
         self.skipped = 0
         self.skipped_in_row = 0
+        self.stream_positions: dict[int, dict[str, Any]] = {}
 
     def run(self, start_step: int, state: dict[str, Any] | None, completed: list[str], budget: int | None) -> tuple[int, dict[str, float]]:
         """Train from ``start_step`` to the stage's end (or ``budget`` steps); returns (steps done, last metrics)."""
@@ -309,7 +333,10 @@ class _StageLoop:
             if state["scaler"] is not None and accelerator.scaler is not None:
                 accelerator.scaler.load_state_dict(state["scaler"])
             consumed = state["progress"].get("consumed", consumed)
-        loader = self._loader(consumed)
+        positions = None
+        if state is not None and "stream" in state["progress"]:
+            positions = {int(slot): position for slot, position in state["progress"]["stream"].items()}
+        loader = self._loader(consumed, positions)
         if state is not None:
             # After the loader: starting its iterator draws from the global generator.
             if state["rng"] is not None:
@@ -330,22 +357,35 @@ class _StageLoop:
                 done = step + 1
                 if (self.recipe.checkpoint_every and done % self.recipe.checkpoint_every == 0) or done == end:
                     progress = {"stage": self.stage_name, "step": done, "completed": list(completed), "consumed": consumed}
+                    if getattr(self.data, "streaming", False):
+                        progress["stream"] = self._all_stream_positions()
                     self.trainer.checkpointer.save(self.model, optimizer, scheduler, progress, accelerator.scaler)
         return max(start_step, end), final
 
-    def _loader(self, consumed: int) -> Any:
+    def _loader(self, consumed: int, positions: dict[int, dict[str, Any]] | None) -> Any:
+        """Batches of this process's share: sampled from a dataset in memory from ``consumed`` global batches
+        on, or read from a streaming dataset from each reader's saved ``positions``."""
         recipe, stage = self.recipe, self.stage
         collator = self.objective.collator(self.model, recipe)
+        batch_size = stage.batch_size or recipe.data.batch_size
+        pin = self.accelerator.device.type == "cuda"
+        if getattr(self.data, "streaming", False):
+            if stage.task_weights:
+                raise ConfigError(f"{self.stage_name}.task_weights: a streaming dataset is read as it comes; remove the key")
+            rows = (self.ranks.rank + 1) * batch_size // self.ranks.world - self.ranks.rank * batch_size // self.ranks.world
+            batches = StreamBatches(self.data, stage.tasks, rows, collator, recipe.seed + self.number, self.ranks.rank,
+                                    self.ranks.world, recipe.data.num_workers, recipe.data.shuffle_buffer, positions)
+            return iter(DataLoader(batches, batch_size=None, num_workers=recipe.data.num_workers, pin_memory=pin))
         sampler = BatchIndexSampler(
             stage_indices(self.data, stage.tasks, stage.task_weights),
-            stage.batch_size or recipe.data.batch_size,
+            batch_size,
             seed=recipe.seed + self.number,
             start=consumed,
             rank=self.ranks.rank,
             world=self.ranks.world,
         )
         return iter(DataLoader(self.data, batch_sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers,
-                               pin_memory=self.accelerator.device.type == "cuda"))
+                               pin_memory=pin))
 
     def _draw(self, loader: Any) -> tuple[dict[str, Any], int]:
         """The next micro-batch every process can use, and how many were drawn to find it: one that came
@@ -354,6 +394,9 @@ class _StageLoop:
         while True:
             batch = next(loader)
             drawn += 1
+            if "stream_slot" in batch:
+                self.stream_positions[batch.pop("stream_slot")] = batch.pop("stream_position")
+                self.data.skipped.update(batch.pop("stream_skipped"))
             if self.ranks.reduce([batch.get("size", 0)], "min")[0] > 0:
                 return batch, drawn
 
@@ -408,6 +451,13 @@ class _StageLoop:
                 f"(up to step {step + 1}); training stopped and the last checkpoint is kept. Lower the learning rate, "
                 "train in fp32 or bf16 rather than fp16, or check the data"
             )
+
+    def _all_stream_positions(self) -> dict[str, dict[str, Any]]:
+        """Every process's readers' positions (a collective: every process calls it at the same step)."""
+        merged: dict[str, dict[str, Any]] = {}
+        for positions in self.ranks.gather_objects(self.stream_positions):
+            merged.update({str(slot): position for slot, position in positions.items()})
+        return merged
 
     def _items(self, batch: dict[str, Any]) -> int:
         """How many items a micro-batch's mean loss averages over: target tokens for the LM loss, rows otherwise."""
