@@ -32,10 +32,15 @@ class BlipkitGroup(click.Group):
         type(self).plugins_added = True
         from blipkit.plugin_manager import get_plugin_manager
 
-        try:
-            get_plugin_manager().hook.register_commands(cli=self)
-        except Exception as err:  # a broken plugin must not take the CLI down
-            click.echo(f"Warning: a plugin's register_commands failed: {one_line(err)}", err=True)
+        for impl in get_plugin_manager().hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli=self)
+            except Exception as err:  # a broken plugin must not take the CLI down, nor the other plugins' commands
+                click.echo(
+                    f"Warning: plugin '{impl.plugin_name}' could not add its commands ({type(err).__name__}: "
+                    f"{one_line(err)}); fix or disable it (BLIPKIT_DISABLE_PLUGINS={impl.plugin_name})",
+                    err=True,
+                )
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
@@ -51,10 +56,25 @@ class BlipkitGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except BlipkitError as err:
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as err:
             if os.environ.get("BLIPKIT_DEBUG"):
                 raise
-            _report(err, ctx)
+            _report(_as_user_error(err), ctx)
+
+
+def _as_user_error(err: Exception) -> BlipkitError:
+    """``err`` as the one line the CLI prints: a BlipkitError as it is; an OSError about a file in the
+    system's words (a full disk, a folder without write access); anything else with what a bug report needs."""
+    if isinstance(err, BlipkitError):
+        return err
+    if isinstance(err, OSError) and err.filename is not None:
+        return BlipkitError(f"{err.filename}: {err.strerror or one_line(err)}")
+    return BlipkitError(
+        f"unexpected {type(err).__name__}: {one_line(err)[:300]}. This is a bug in blipkit or a plugin; "
+        "rerun with BLIPKIT_DEBUG=1 and report the traceback"
+    )
 
 
 def _report(err: BlipkitError, ctx: click.Context) -> None:
@@ -199,18 +219,18 @@ def plugins(as_json: bool) -> None:
     Console(soft_wrap=False).print(table)
 
 
-def _split_recipe_args(args: tuple[str, ...]) -> tuple[str, list[str]]:
+def _split_recipe_args(args: tuple[str, ...], default: str | None = "default") -> tuple[str | None, list[str]]:
     if args and "=" not in args[0] and not args[0].startswith("~"):
         return args[0], list(args[1:])
-    return "default", list(args)
+    return default, list(args)
 
 
 @cli.command(context_settings={"max_content_width": 100})
 @click.argument("args", nargs=-1, metavar="[RECIPE] [KEY=VALUE | ~KEY]...")
-@click.option("--encoder", help="Image encoder name (sugar for encoder.name=...).")
-@click.option("--llm", help="Language model name (sugar for llm.name=...).")
-@click.option("--bridge", help="Bridge name: qformer, moe, mlp (sugar for bridge.name=...).")
-@click.option("--data", help="Training data: a dataset name, prefix:source or path (sugar for data.train.name=...).")
+@click.option("--encoder", help="Image encoder name; replaces the recipe's encoder and its options.")
+@click.option("--llm", help="Language model name; replaces the recipe's LLM and its options.")
+@click.option("--bridge", help="Bridge name (qformer, moe, mlp); replaces the recipe's bridge and its options.")
+@click.option("--data", help="Training data: a dataset name, prefix:source or path; replaces data.train and its options.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Run directory (default: the recipe's output).")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False),
               help="Continue the run in this directory from its last checkpoint.")
@@ -239,8 +259,10 @@ def train(
     """Train a bridge between a frozen encoder and a frozen LLM: stage 1, then stage 2.
 
     \b
-    RECIPE is a shipped recipe name (blipkit recipes ls) or a YAML file; with none, the offline
-    'default' demo runs. Overrides set or remove recipe keys:
+    RECIPE is a shipped recipe name (blipkit recipes ls) or a YAML file. With none, the offline
+    'default' demo runs, unless --encoder/--llm/--bridge/--data name other parts than the demo's: the
+    run then builds on 'blip2' (32 queries, a frozen LLM, BLIP-2's schedule). Overrides set or remove
+    recipe keys:
       blipkit train                                   the offline demo
       blipkit train tiny                              a smoke run in seconds
       blipkit train --encoder siglip --llm llama-3.2-1b --data captions.json
@@ -251,24 +273,22 @@ def train(
     `accelerate launch --multi_gpu --num_processes N -m blipkit train ...` and `torchrun
     --nproc_per_node N -m blipkit train ...` work too (docs/scaling.md).
     """
-    from blipkit.config import load_recipe
-    from blipkit.recipe_check import validate_recipe
+    from blipkit.config import recipe_with_parts
     from blipkit.distributed import launched_rank
+    from blipkit.recipe_check import validate_recipe
     from blipkit.model.persistence import run_recipe
     from blipkit.train.runner import run_dir_for
     from blipkit.train.runner import train as run_training
 
-    sugar = [f"{key}={value}" for key, value in
-             (("encoder.name", encoder), ("llm.name", llm), ("bridge.name", bridge), ("data.train.name", data))
-             if value is not None]
+    parts = {"encoder": encoder, "llm": llm, "bridge": bridge, "data": data}
     if resume_dir:
-        if args or sugar:
+        if args or any(parts.values()):
             raise click.UsageError("--resume continues a run with its own recipe; it takes no recipe or overrides")
         recipe = run_recipe(resume_dir)
         output = resume_dir
     else:
-        name, overrides = _split_recipe_args(args)
-        recipe = load_recipe(name, [*sugar, *overrides])
+        name, overrides = _split_recipe_args(args, default=None)
+        recipe = recipe_with_parts(name, parts, overrides)
     validate_recipe(recipe)
     if processes > 1:
         if launched_rank()[1] > 1:
@@ -280,7 +300,7 @@ def train(
         launch_training(processes, _train_argv(params), launcher_args, hint)
         return
     result = run_training(recipe, output=output, resume=bool(resume_dir), overwrite=overwrite,
-                          stop_after=stop_after, quiet=quiet)
+                          stop_after=stop_after, quiet=quiet, report=lambda text: click.echo(text, err=True))
     if result.is_main:
         _print_training(result)
 
@@ -298,8 +318,9 @@ def _train_argv(params: dict[str, Any]) -> list[str]:
 
 def _print_training(result: Any) -> None:
     for stage, metrics in result.final.items():
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("lr", "samples_per_s"))
-        click.echo(f"{stage}: {summary}")
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("lr", "samples_per_s", "skipped_steps"))
+        skipped = int(metrics.get("skipped_steps", 0))
+        click.echo(f"{stage}: {summary}" + (f" ({skipped} steps skipped: loss or gradients not finite)" if skipped else ""))
     for report in result.prepared.values():
         click.echo(str(report))
     for stage, scores in result.validation.items():

@@ -29,6 +29,7 @@ __all__ = [
     "load_recipe",
     "recipe_from_dict",
     "recipe_to_dict",
+    "recipe_with_parts",
 ]
 
 
@@ -467,14 +468,48 @@ def read_recipe_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Load a shipped recipe by name, or a YAML file by path, and apply overrides."""
+def _recipe_data(name_or_path: str) -> dict[str, Any]:
+    """A shipped recipe (by name) or a YAML file (by path) as a dict."""
     path = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
-        data = read_recipe_yaml(path)
-    else:
-        from blipkit.plugin_manager import registries
+        return read_recipe_yaml(path)
+    from blipkit.plugin_manager import registries
 
-        entry = registries().recipes.resolve(name_or_path).entry
-        data = read_recipe_yaml(entry.factory())
+    return read_recipe_yaml(registries().recipes.resolve(name_or_path).entry.factory())
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a shipped recipe by name, or a YAML file by path, and apply overrides."""
+    return recipe_from_dict(apply_overrides(_recipe_data(name_or_path), overrides or []))
+
+
+PART_KEYS = {"encoder": ("encoder",), "llm": ("llm",), "bridge": ("bridge",), "data": ("data", "train")}
+"""Where ``blipkit train --encoder/--llm/--bridge/--data`` put their names in a recipe."""
+
+
+def recipe_with_parts(name: str | None, parts: dict[str, str | None], overrides: list[str] | None = None) -> Recipe:
+    """The recipe ``blipkit train`` runs: ``name``, or with none the offline demo (``default``) when the
+    ``parts`` it is given are the demo's own and BLIP-2's recipe (``blip2``) otherwise; each given part
+    (``encoder``, ``llm``, ``bridge``, ``data``: names) replaces that whole section, options included
+    (the demo's options belong to the demo's parts); then ``overrides`` apply."""
+    given = {part: value for part, value in parts.items() if value}
+    if name is None:
+        demo = _recipe_data("default")
+        own = all(_section(demo, PART_KEYS[part]).get("name") == value for part, value in given.items())
+        name = "default" if own else "blip2"
+    data = _recipe_data(name)
+    for part, value in given.items():
+        *parents, last = PART_KEYS[part]
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = {"name": value, **({"split": "train"} if part == "data" else {})}
     return recipe_from_dict(apply_overrides(data, overrides or []))
+
+
+def _section(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    for key in keys:
+        data = data.get(key) or {}
+        if isinstance(data, str):
+            return {"name": data}
+    return data

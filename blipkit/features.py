@@ -4,6 +4,7 @@ dataset viewed through it (samples that carry encoder tokens instead of images).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,9 +21,11 @@ __all__ = ["cached_features", "recipe_features"]
 
 
 def cached_features(
-    model: VisionLanguageModel, dataset: Any, quiet: bool = False, batch_size: int = 32, ranks: Ranks | None = None
+    model: VisionLanguageModel, dataset: Any, quiet: bool = False, batch_size: int = 32, ranks: Ranks | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> CachedFeatureDataset:
-    """Encode every image of ``dataset`` not yet in the feature cache, and view the dataset through it.
+    """Encode every image of ``dataset`` not yet in the feature cache, and view the dataset through it;
+    ``report`` hears how many images the fill encodes and the disk space they take.
 
     Under several processes every process calls this with ``ranks``: each encodes its share."""
     encoder = model.encoder
@@ -34,6 +37,8 @@ def cached_features(
     ranks = ranks or Ranks()
 
     def plan(images: int, size: int) -> None:
+        if report is not None:
+            report(f"feature cache: encoding {images} images, {size / 2**20:.1f} MiB, into {cache.path}")
         bar.restart(f"encoding {images} images ({size / 2**20:.1f} MiB of features)", math.ceil(images / ranks.world))
 
     with CountProgress("checking the feature cache", None, quiet=quiet) as bar:

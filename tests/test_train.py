@@ -297,3 +297,43 @@ def test_stages_list_their_objectives(tmp_path: Path) -> None:
         load_recipe("tiny", ["stages=[{objective: lm}]"])
     with pytest.raises(ConfigError, match=r"^captions\.tasks: objective 'lm' trains on caption, vqa, not ocr"):
         load_recipe("tiny", ["~stage1", "~stage2", "stages=[{objective: lm, name: captions, tasks: [ocr]}]"])
+
+
+def _tiny_coco(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(8):
+        Image.new("RGB", (32, 32), (30 * i, 200 - 20 * i, 90)).save(folder / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png"})
+        annotations += [{"image_id": i, "caption": f"a colour number {i}"}, {"image_id": i, "caption": f"shade {i}"}]
+    path = folder / "captions.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+def test_parts_not_the_demos_build_on_blip2_and_data_replaces_its_options(tmp_path: Path) -> None:
+    """`blipkit train --encoder X --llm Y --data Z` with no recipe plans BLIP-2's recipe (32 queries, frozen
+    LLM), not the shapes demo's; --data replaces the dataset with its options (the demo's shapes options
+    would not fit coco:)."""
+    from blipkit.config import recipe_with_parts
+
+    captions = _tiny_coco(tmp_path / "coco")
+    parts = {"encoder": "tiny-vit", "llm": "tiny-llama", "data": str(captions)}
+    recipe = recipe_with_parts(None, parts)
+    assert recipe.name == "blip2" and recipe.bridge.options["num_queries"] == 32 and recipe.llm.lora is None
+    assert recipe.encoder.options == {} and recipe.data.train.options == {} and recipe.data.train.name == str(captions)
+    assert recipe_with_parts(None, {"encoder": "efficientnet-lite0"}).name == "default"
+    assert recipe_with_parts("tiny", {"data": str(captions)}).data.train.options == {}
+    small = ["bridge.options={init: random, num_layers: 2, hidden_size: 32, num_heads: 4, intermediate_size: 64}",
+             "stage1.steps=1", "stage2.steps=1", "data.batch_size=4", "data.num_workers=0"]
+    result = CliRunner().invoke(cli, ["train", "--encoder", "tiny-vit", "--llm", "tiny-llama", "--data", str(captions), *small,
+                                      "-o", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    plan = result.stderr.splitlines()
+    assert plan[0] == f"Plan: recipe 'blip2' -> {tmp_path / 'run'} on 1 process"
+    assert f"{captions} (train): 16 samples; feature cache on" in plan[1]
+    assert "encoder tiny-vit, bridge qformer, projection linear, llm tiny-llama" in plan[2]
+    assert any(line.startswith("  stage1     blip2-stage1: 1 steps x global batch 4 = 4 samples") for line in plan)
+    assert any(line.startswith("stage2: trains bridge") and "frozen encoder" in line and "llm" in line for line in plan)
+    missing = CliRunner().invoke(cli, ["train", "tiny", "--data", "coco:nowhere.json", "-o", str(tmp_path / "bad")])
+    assert missing.exit_code != 0 and "num_images" not in missing.stderr

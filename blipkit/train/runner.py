@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from blipkit.train.checkpoint import Checkpointer, ResumePoint, append_metrics, 
 from blipkit.train.feedback import StageProgress, plot_curves
 from blipkit.train.lexical import LexicalFit
 from blipkit.train.memory import reuse_freed_memory
+from blipkit.train.plan import parameters_line, run_plan
 from blipkit.train.optim import build_optimizer, build_scheduler, lr_at
 from blipkit.train.processes import (
     frozen_dtype,
@@ -88,8 +90,10 @@ def train(
     overwrite: bool = False,
     stop_after: int | None = None,
     quiet: bool = False,
+    report: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Run the recipe's stages and write the run directory; ``stop_after`` optimizer steps ends early.
+    ``report`` receives the plan before training and each stage's parts as it starts (main process only).
 
     Under a launcher (``blipkit train --processes N``, ``accelerate launch``, ``torchrun``) every process
     calls this and each returns a TrainResult; the one with ``is_main`` reports.
@@ -99,7 +103,8 @@ def train(
         ranks = ranks_of(accelerator)
         run_dir = run_dir_for(recipe, output)
         try:
-            return _Trainer(accelerator, ranks, recipe, run_dir, quiet or not ranks.is_main).run(resume, overwrite, stop_after)
+            trainer = _Trainer(accelerator, ranks, recipe, run_dir, quiet or not ranks.is_main, report)
+            return trainer.run(resume, overwrite, stop_after)
         except Exception as err:
             if peer_lost(err, ranks):
                 raise PeerLostError(
@@ -112,7 +117,8 @@ def train(
 class _Trainer:
     """One run of a recipe on this process."""
 
-    def __init__(self, accelerator: Any, ranks: Ranks, recipe: Recipe, run_dir: Path, quiet: bool) -> None:
+    def __init__(self, accelerator: Any, ranks: Ranks, recipe: Recipe, run_dir: Path, quiet: bool,
+                 report: Callable[[str], None] | None) -> None:
         self.accelerator = accelerator
         self.ranks = ranks
         self.recipe = recipe
@@ -120,6 +126,12 @@ class _Trainer:
         self.quiet = quiet
         self.checkpointer = Checkpointer(run_dir, recipe, recipe.keep_checkpoints, ranks)
         self.result = TrainResult(run_dir, is_main=ranks.is_main, processes=ranks.world)
+        self._report = report if ranks.is_main else None
+
+    def report(self, text: str) -> None:
+        """Say ``text`` to the user (main process, when asked to)."""
+        if self._report is not None:
+            self._report(text)
 
     def run(self, resume: bool, overwrite: bool, stop_after: int | None) -> TrainResult:
         """Open the run directory (locked while training), then train every stage not yet completed."""
@@ -153,8 +165,10 @@ class _Trainer:
             model = build_model(recipe, with_llm=False, frozen_dtype=frozen_dtype(self.accelerator))
         model.to(self.accelerator.device)
         training_data: Any = dataset
-        if _use_cache(recipe, dataset):
-            training_data = cached_features(model, dataset, quiet=self.quiet, ranks=ranks)
+        cached = _use_cache(recipe, dataset)
+        self.report(run_plan(recipe, self.run_dir, dataset, ranks.world, cached))
+        if cached:
+            training_data = cached_features(model, dataset, quiet=self.quiet, ranks=ranks, report=self.report)
             self.result.feature_cache = training_data.cache.path
         validation_data = self._validation_data(model)
         budget = stop_after
@@ -323,6 +337,7 @@ class _StageLoop:
         accelerator.gradient_accumulation_steps = stage.grad_accum
         accelerator.step = 0
         trainable = _trainable_parts(self.model, self.objective, self.recipe.gradient_checkpointing)
+        self.trainer.report(parameters_line(self.stage_name, trainable, self.model))
         optimizer = build_optimizer(trainable, stage)
         scheduler = build_scheduler(optimizer, stage)
         wrapped, optimizer = accelerator.prepare(self.model, optimizer)
