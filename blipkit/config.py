@@ -97,7 +97,9 @@ class StageConfig:
     that the visual prefix spells each training image's caption in the LLM's token embeddings
     (docs/architecture.md); None keeps its initialisation. ``objective`` names a registered training
     objective (``blipkit objectives``) and ``options`` go to its factory; ``name`` labels the stage in
-    metrics, checkpoints and ``--resume`` (default ``stage<N>``).
+    metrics, checkpoints and ``--resume`` (default ``stage<N>``). ``epochs`` instead of ``steps``: the
+    steps are worked out from the samples of the stage's tasks when the run starts (not for streaming
+    data, whose length is unknown), and recorded in the run's recipe.
     """
 
     steps: int = 1000
@@ -117,6 +119,7 @@ class StageConfig:
     objective: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    epochs: float | None = None
 
 
 @dataclass
@@ -165,6 +168,9 @@ class Recipe:
     keep_checkpoints: int = 1
     log_every: int = 10
     max_skipped_steps: int = 10
+    eval_every: int = 0
+    eval_samples: int = 64
+    log_with: list[str] = field(default_factory=list)
 
     def stage(self, name: str) -> StageConfig | None:
         """The stage called ``name``, or None."""
@@ -195,6 +201,7 @@ _NESTED: dict[str, type] = {
 _FREE_FORM = {"options", "lora", "task_weights", "lr_scale"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 LR_SCALE_PARTS = ("bridge", "projection", "llm")
 PROJECTION_INITS = ("lexical",)
 SHORTHAND_STAGES = {"stage1": "blip2-stage1", "stage2": "lm"}
@@ -277,12 +284,14 @@ def _build_stages(listed: Any, shorthand: list[tuple[str, Any]]) -> list[StageCo
             raise ConfigError(f"{name}: cannot be empty; set its keys or remove it with ~{name}")
         stage = _build(StageConfig, value, name)
         stage.name, stage.objective = name, stage.objective or SHORTHAND_STAGES[name]
+        _one_length(value, name)
         stages.append(stage)
     if listed is not None and not isinstance(listed, list):
         raise ConfigError(f"stages: expected a list of stages, got {listed!r}")
     for index, value in enumerate(listed or []):
         stage = _build(StageConfig, value, f"stages.{index}")
         stage.name = stage.name or f"stage{index + 1}"
+        _one_length(value, stage.name)
         if not stage.objective:
             raise ConfigError(f"stages.{index}.objective: name the objective this stage trains (list them with: blipkit objectives)")
         stages.append(stage)
@@ -292,12 +301,20 @@ def _build_stages(listed: Any, shorthand: list[tuple[str, Any]]) -> list[StageCo
     return stages
 
 
+def _one_length(value: dict[str, Any], where: str) -> None:
+    """A stage's length is ``steps`` or ``epochs``, not both."""
+    if value.get("epochs") is not None and "steps" in value:
+        raise ConfigError(f"{where}: set steps or epochs, not both (~{where}.steps keeps epochs)")
+
+
 def _check_stage(stage: StageConfig) -> None:
     """Raise ConfigError for a stage's out-of-range settings, naming the key."""
     where = stage.name
     for key in ("steps", "grad_accum"):
         if getattr(stage, key) < 1:
             raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(stage, key)}")
+    if stage.epochs is not None and not stage.epochs > 0:
+        raise ConfigError(f"{where}.epochs: must be more than 0, got {stage.epochs}")
     if stage.lr <= 0 or stage.min_lr < 0 or stage.min_lr > stage.lr:
         raise ConfigError(f"{where}: need 0 <= min_lr <= lr and lr > 0 (lr={stage.lr}, min_lr={stage.min_lr})")
     if not stage.tasks or not all(isinstance(task, str) and task for task in stage.tasks):
@@ -349,6 +366,14 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         raise ConfigError(f"data.batch_size: must be at least 1, got {recipe.data.batch_size}")
     if recipe.data.shuffle_buffer < 1:
         raise ConfigError(f"data.shuffle_buffer: must be at least 1, got {recipe.data.shuffle_buffer}")
+    for key in ("eval_every", "eval_samples"):
+        if getattr(recipe, key) < (0 if key == "eval_every" else 1):
+            raise ConfigError(f"{key}: must be {'0 or more' if key == 'eval_every' else 'at least 1'}, got {getattr(recipe, key)}")
+    if recipe.eval_every and recipe.data.validation is None:
+        raise ConfigError("eval_every: there is no data.validation split to score; add one or remove the key")
+    unknown = [name for name in recipe.log_with if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"log_with: unknown tracker '{unknown[0]}'; choose among {', '.join(TRACKERS)}")
     if recipe.max_skipped_steps < 1:
         raise ConfigError(f"max_skipped_steps: must be at least 1, got {recipe.max_skipped_steps}")
     for stage in recipe.stages:

@@ -40,8 +40,10 @@ def evaluate(
     batch_size: int = 16,
     generation: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    limit: int | None = None,
 ) -> EvalResult:
-    """Generate for every caption image or VQA question of ``dataset`` and score the results.
+    """Generate for every caption image or VQA question of ``dataset`` (the first ``limit`` samples of the
+    task, when given) and score the results.
 
     Captions: one per distinct image, scored against all of that image's reference captions (BLEU,
     ROUGE-L, CIDEr) and by the dataset's own ``caption_scorer`` when it has one (the shapes data's: whether
@@ -52,7 +54,7 @@ def evaluate(
     if task not in TASKS:
         raise DataError(f"unknown evaluation task '{task}'; use one of: {', '.join(TASKS)}")
     wanted = "caption" if task == "retrieval" else task
-    indices = [i for i, record in enumerate(dataset.records) if record.task == wanted]
+    indices = [i for i, record in enumerate(dataset.records) if record.task == wanted][:limit]
     if not indices:
         raise DataError(f"dataset '{dataset.name}' has no {task} samples to evaluate")
     if task == "caption":

@@ -78,11 +78,13 @@ class CountProgress:
 
 
 def plot_curves(metrics_file: Path, out: Path) -> bool:
-    """Draw loss and learning rate per stage from metrics.jsonl into a PNG; False when nothing to draw."""
+    """Draw losses (training, and validation where it was scored) and the learning rate per stage from
+    metrics.jsonl into a PNG; False when nothing to draw."""
     if not metrics_file.exists():
         return False
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    rows = [row for row in rows if "split" not in row]
+    every = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = [row for row in every if "split" not in row]
+    checks = [row for row in every if "split" in row and isinstance(row.get("val_loss"), (int, float))]
     stages = list(dict.fromkeys(row["stage"] for row in rows))
     if not stages:
         return False
@@ -100,6 +102,10 @@ def plot_curves(metrics_file: Path, out: Path) -> bool:
             values = [row.get(key) for row in mine]
             if all(isinstance(v, (int, float)) for v in values):
                 loss_axis.plot(steps, values, label=key)
+        validated = [row for row in checks if row["stage"] == stage]
+        if validated:
+            loss_axis.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], "o--", color="black",
+                           label="validation loss")
         loss_axis.set_title(f"{stage}: losses")
         loss_axis.legend(fontsize="small")
         lr_axis.plot(steps, [row["lr"] for row in mine], color="tab:gray")

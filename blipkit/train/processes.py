@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -56,10 +57,11 @@ def frozen_dtype(accelerator: Any) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
-def make_accelerator(recipe: Recipe) -> Any:
+def make_accelerator(recipe: Recipe, logging_dir: Path | None = None) -> Any:
     """The run's Accelerator: DDP over the processes a launcher started (gloo on CPU), FSDP2 with
     ``distributed.strategy: fsdp`` or an accelerate config that asks for it, DeepSpeed when accelerate's
-    config asks for it; the recipe's time-out at every collective."""
+    config asks for it; the recipe's time-out at every collective; its trackers writing under
+    ``logging_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
@@ -75,6 +77,8 @@ def make_accelerator(recipe: Recipe) -> Any:
 
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
     accelerator = Accelerator(
+        log_with=list(recipe.log_with) or None,
+        project_dir=str(logging_dir) if logging_dir is not None else None,
         mixed_precision=precision(recipe),
         cpu=not on_gpu,
         fsdp_plugin=plugin,

@@ -33,7 +33,7 @@ from blipkit.io import read_json
 from blipkit.locks import DirectoryLock
 from blipkit.model.build import add_language_model, build_model
 from blipkit.model.lora import has_lora
-from blipkit.model.persistence import META_FILE, load_weights, remember_last_run
+from blipkit.model.persistence import META_FILE, load_weights, remember_last_run, write_meta
 from blipkit.model.vlm import VisionLanguageModel
 from blipkit.plugin_manager import registries
 from blipkit.train.checkpoint import Checkpointer, ResumePoint, append_metrics, open_run_dir
@@ -52,6 +52,8 @@ from blipkit.train.processes import (
 )
 from blipkit.train.sampling import BatchIndexSampler, stage_indices
 from blipkit.train.state import load_trainer_state, restore_rng, rng_state
+from blipkit.train.tracking import check_trackers, start_trackers, tracker_dir
+from blipkit.train.validation import score, validation_loss, validation_tasks
 
 __all__ = ["TrainResult", "run_dir_for", "train"]
 
@@ -99,9 +101,10 @@ def train(
     calls this and each returns a TrainResult; the one with ``is_main`` reports.
     """
     with reuse_freed_memory(enabled=not torch.cuda.is_available()):
-        accelerator = make_accelerator(recipe)
-        ranks = ranks_of(accelerator)
+        check_trackers(recipe.log_with)
         run_dir = run_dir_for(recipe, output)
+        accelerator = make_accelerator(recipe, tracker_dir(run_dir))
+        ranks = ranks_of(accelerator)
         try:
             trainer = _Trainer(accelerator, ranks, recipe, run_dir, quiet or not ranks.is_main, report)
             return trainer.run(resume, overwrite, stop_after)
@@ -127,6 +130,7 @@ class _Trainer:
         self.checkpointer = Checkpointer(run_dir, recipe, recipe.keep_checkpoints, ranks)
         self.result = TrainResult(run_dir, is_main=ranks.is_main, processes=ranks.world)
         self._report = report if ranks.is_main else None
+        self.validation_data: Any = None
 
     def report(self, text: str) -> None:
         """Say ``text`` to the user (main process, when asked to)."""
@@ -150,6 +154,7 @@ class _Trainer:
         try:
             return self._run(resume_from, stop_after)
         finally:
+            self.accelerator.end_training()
             if ranks.is_main:
                 lock.release()
 
@@ -164,13 +169,16 @@ class _Trainer:
             # The first load may download or convert weights into a cache the others then read.
             model = build_model(recipe, with_llm=False, frozen_dtype=frozen_dtype(self.accelerator))
         model.to(self.accelerator.device)
+        if resume_from is None:
+            self._resolve_epochs(dataset)
+        start_trackers(self.accelerator, recipe)
         training_data: Any = dataset
         cached = _use_cache(recipe, dataset)
         self.report(run_plan(recipe, self.run_dir, dataset, ranks.world, cached))
         if cached:
             training_data = cached_features(model, dataset, quiet=self.quiet, ranks=ranks, report=self.report)
             self.result.feature_cache = training_data.cache.path
-        validation_data = self._validation_data(model)
+        validation_data = self.validation_data = self._validation_data(model)
         budget = stop_after
         for number, stage in enumerate(recipe.stages):
             if stage.name in completed:
@@ -221,6 +229,21 @@ class _Trainer:
         self.accelerator.free_memory()
         return steps_done, start_step
 
+    def _resolve_epochs(self, dataset: Any) -> None:
+        """Turn each stage's ``epochs`` into steps over the samples of its tasks, and record them in the run's
+        recipe, so that a resumed run keeps the same schedule."""
+        stages = [stage for stage in self.recipe.stages if stage.epochs is not None]
+        if not stages:
+            return
+        if getattr(dataset, "streaming", False):
+            raise ConfigError(f"{stages[0].name}.epochs: the length of streaming data is unknown; give steps instead")
+        for stage in stages:
+            samples = len(stage_indices(dataset, stage.tasks, stage.task_weights))
+            per_step = (stage.batch_size or self.recipe.data.batch_size) * stage.grad_accum
+            stage.steps, stage.epochs = max(1, math.ceil(stage.epochs * samples / per_step)), None
+        if self.ranks.is_main:
+            write_meta(self.run_dir, self.recipe, checkpoint=".")
+
     def _unsharded(self, with_llm: bool) -> VisionLanguageModel:
         """The model rebuilt whole from the checkpoint just written: FSDP leaves the trained parts sharded in
         place, and the next stage, validation and saving need them whole."""
@@ -245,11 +268,27 @@ class _Trainer:
         return dataset
 
     def _validate(self, model: VisionLanguageModel, dataset: Any, stage: StageConfig, objective: Objective) -> None:
-        """Score the validation split on the main process while the others wait."""
+        """Score the whole validation split after a stage on the main process while the others wait;
+        predictions go to run/eval-validation/<stage>/, scores to metrics.jsonl."""
         if self.ranks.is_main:
-            tasks = [task for task in objective.evaluates if task == "retrieval" or task in dataset.tasks]
-            self.result.validation[stage.name] = validate(model, dataset, tasks, stage, self.run_dir)
+            scores = score(model, dataset, validation_tasks(objective, dataset), self.run_dir / "eval-validation" / stage.name)
+            self.result.validation[stage.name] = scores
+            self.record({"stage": stage.name, "step": stage.steps, "split": dataset.split, **scores})
         self.ranks.barrier()
+
+    def record(self, row: dict[str, Any], step: int | None = None) -> None:
+        """Add a metric row to metrics.jsonl and the trackers (main process); ``step`` counts over all stages."""
+        if not self.ranks.is_main:
+            return
+        append_metrics(self.run_dir, row)
+        if self.recipe.log_with:
+            values = {f"{row['stage']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(values, step=step if step is not None else self.global_step(row["stage"], row["step"]))
+
+    def global_step(self, stage_name: str, step: int) -> int:
+        """``step`` of stage ``stage_name`` counted from the first stage's first step."""
+        names = [stage.name for stage in self.recipe.stages]
+        return sum(stage.steps for stage in self.recipe.stages[: names.index(stage_name)]) + step
 
     def _finish(self, training_data: Any) -> None:
         self.result.skipped = _skipped_everywhere(training_data, self.ranks)
@@ -370,6 +409,8 @@ class _StageLoop:
                 self._log(step + 1, final)
                 bar.update(step + 1, final)
                 done = step + 1
+                if self.recipe.eval_every and (done % self.recipe.eval_every == 0 or done == stage.steps):
+                    self._evaluate(done)
                 if (self.recipe.checkpoint_every and done % self.recipe.checkpoint_every == 0) or done == end:
                     progress = {"stage": self.stage_name, "step": done, "completed": list(completed), "consumed": consumed}
                     if getattr(self.data, "streaming", False):
@@ -479,8 +520,18 @@ class _StageLoop:
         return self.objective.items(batch)
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.ranks.is_main and (step % self.recipe.log_every == 0 or step == self.stage.steps):
-            append_metrics(self.trainer.run_dir, {"stage": self.stage_name, "step": step, **{k: round(v, 6) for k, v in metrics.items()}})
+        if step % self.recipe.log_every == 0 or step == self.stage.steps:
+            self.trainer.record({"stage": self.stage_name, "step": step, **{k: round(v, 6) for k, v in metrics.items()}})
+
+    def _evaluate(self, step: int) -> None:
+        """The validation split's loss (every process) and scores on a subset (main process) at ``step``."""
+        data, recipe = self.trainer.validation_data, self.recipe
+        batch_size = self.stage.batch_size or recipe.data.batch_size
+        loss = validation_loss(self.model, self.objective, data, self.objective.collator(self.model, recipe),
+                               self.stage.tasks, recipe.eval_samples, batch_size, self.ranks)
+        scores = score(self.model, data, validation_tasks(self.objective, data), limit=recipe.eval_samples) if self.ranks.is_main else {}
+        self.trainer.record({"stage": self.stage_name, "step": step, "split": data.split, "val_loss": loss, **scores})
+        self.ranks.barrier()
 
 
 def _trainable_parts(model: VisionLanguageModel, objective: Objective, gradient_checkpointing: bool) -> dict[str, torch.nn.Module]:
@@ -499,18 +550,3 @@ def _trainable_parts(model: VisionLanguageModel, objective: Objective, gradient_
         else:
             raise ConfigError("gradient_checkpointing: this language model does not support it; remove the key")
     return trainable
-
-
-def validate(model: VisionLanguageModel, dataset: Any, tasks: list[str], stage: StageConfig, run_dir: Path) -> dict[str, Any]:
-    """Score the model on a validation split after a stage on ``tasks`` (retrieval, caption, vqa; greedy
-    decoding); predictions go to run/eval-validation/<stage>/, scores to metrics.jsonl."""
-    from blipkit.eval.evaluate import evaluate, write_results
-
-    scores: dict[str, Any] = {}
-    model.eval()
-    for task in tasks:
-        outcome = evaluate(model, dataset, task, generation={"num_beams": 1})
-        write_results(outcome, run_dir / "eval-validation" / stage.name)
-        scores.update({f"{task}/{k}": v for k, v in outcome.scores.items() if isinstance(v, (int, float))})
-    append_metrics(run_dir, {"stage": stage.name, "step": stage.steps, "split": dataset.split, **scores})
-    return scores
