@@ -70,7 +70,9 @@ class DataConfig:
     ``feature_cache``: encode every image once with the frozen encoder and train from the stored tokens;
     None (the default) means on for datasets held in memory and off for streaming ones, which are read
     once per epoch anyway. ``shuffle_buffer``: how many records a streaming dataset's reader shuffles
-    among (per process and DataLoader worker).
+    among (per process and DataLoader worker). ``augment``: training-time image augmentation, any of
+    ``crop`` (a random resized crop) and ``flip`` (left-right; not for captions that say left or right),
+    applied when images are read (not with the feature cache, whose features are fixed).
     """
 
     train: DatasetConfig = field(default_factory=DatasetConfig)
@@ -79,6 +81,7 @@ class DataConfig:
     num_workers: int = 0
     feature_cache: bool | None = None
     shuffle_buffer: int = 1000
+    augment: list[str] = field(default_factory=list)
     max_text_length: int = 32
     caption_prompt: str = ""
     vqa_prompt: str = "Question: {} Answer:"
@@ -364,6 +367,11 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         raise ConfigError(f"distributed.timeout_s: must be at least 1 second, got {recipe.distributed.timeout_s}")
     if recipe.data.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be at least 1, got {recipe.data.batch_size}")
+    unknown = [name for name in recipe.data.augment if name not in ("crop", "flip")]
+    if unknown:
+        raise ConfigError(f"data.augment: unknown augmentation '{unknown[0]}'; choose among crop, flip")
+    if recipe.data.augment and recipe.data.feature_cache:
+        raise ConfigError("data.augment: cached features are computed once, unaugmented; set data.feature_cache=false")
     if recipe.data.shuffle_buffer < 1:
         raise ConfigError(f"data.shuffle_buffer: must be at least 1, got {recipe.data.shuffle_buffer}")
     for key in ("eval_every", "eval_samples"):

@@ -67,3 +67,31 @@ def test_epochs_become_steps_in_the_run_recipe(tmp_path: Path) -> None:
         load_recipe("tiny", ["eval_every=5"])
     with pytest.raises(ConfigError, match="log_with: unknown tracker 'tensorbored'"):
         load_recipe("tiny", ["log_with=[tensorbored]"])
+
+
+def test_augmentation_crops_and_flips_alike_on_resume_and_in_workers(tmp_path: Path) -> None:
+    """Opt-in crop and flip: the same sample at the same epoch gets the same draw in any worker and after a
+    resume, a new draw in another epoch; and a run that augments trains and resumes bit for bit."""
+    import random
+
+    from blipkit.data.augment import AugmentedDataset, augment_image
+    from blipkit.data.dataset import open_dataset
+    from blipkit.io import load_safetensors
+
+    image = Image.new("RGB", (40, 30))
+    image.putpixel((0, 0), (255, 0, 0))
+    flipped = augment_image(image, ["flip"], random.Random(1))
+    crops = {augment_image(image, ["crop"], random.Random(seed)).size for seed in range(20)}
+    assert flipped.size == (40, 30) and len(crops) > 5 and all(w * h >= 0.5 * 1200 - 80 for w, h in crops)
+    data = AugmentedDataset(open_dataset("shapes", "train", {"num_images": 4, "image_size": 32}), ["crop", "flip"], seed=3)
+    assert data[(1, 0)].image.tobytes() == data[(1, 0)].image.tobytes() != data[(1, 1)].image.tobytes()
+    overrides = ["data.augment=[crop]", "data.feature_cache=false", "stage1.steps=2", "stage2.steps=3", "data.num_workers=2"]
+    recipe = load_recipe("tiny", overrides)
+    train(recipe, output=tmp_path / "whole", quiet=True)
+    train(recipe, output=tmp_path / "parts", stop_after=3, quiet=True)
+    train(recipe, output=tmp_path / "parts", resume=True, quiet=True)
+    weights = [load_safetensors(tmp_path / run / "checkpoints" / "stage2-step-0000003" / "bridge" / "model.safetensors")
+               for run in ("whole", "parts")]
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+    with pytest.raises(ConfigError, match="data.augment: cached features"):
+        load_recipe("tiny", ["data.augment=[flip]", "data.feature_cache=true"])

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from blipkit.config import SHORTHAND_STAGES, Recipe, StageConfig
+from blipkit.data.augment import AugmentedDataset
 from blipkit.data.dataset import CORRUPT_IMAGE, open_dataset
 from blipkit.data.stream import StreamBatches
 from blipkit.distributed import Ranks
@@ -322,7 +323,9 @@ def _use_cache(recipe: Recipe, dataset: Any) -> bool:
             f"data.feature_cache: dataset '{dataset.name}' streams; the cache needs a dataset held in memory. "
             "Remove the key (streaming data is read without it), or fill the cache from a map-style copy"
         )
-    return not streaming if recipe.data.feature_cache is None else recipe.data.feature_cache
+    if recipe.data.feature_cache is None:
+        return not (streaming or recipe.data.augment)
+    return recipe.data.feature_cache
 
 
 def _seed_offset(stage: StageConfig, number: int) -> int:
@@ -428,10 +431,13 @@ class _StageLoop:
         if getattr(self.data, "streaming", False):
             if stage.task_weights:
                 raise ConfigError(f"{self.stage_name}.task_weights: a streaming dataset is read as it comes; remove the key")
+            if recipe.data.augment:
+                raise ConfigError("data.augment: streaming data is not augmented yet; remove the key")
             rows = (self.ranks.rank + 1) * batch_size // self.ranks.world - self.ranks.rank * batch_size // self.ranks.world
             batches = StreamBatches(self.data, stage.tasks, rows, collator, recipe.seed + self.number, self.ranks.rank,
                                     self.ranks.world, recipe.data.num_workers, recipe.data.shuffle_buffer, positions)
             return iter(DataLoader(batches, batch_size=None, num_workers=recipe.data.num_workers, pin_memory=pin))
+        augment = bool(recipe.data.augment)
         sampler = BatchIndexSampler(
             stage_indices(self.data, stage.tasks, stage.task_weights),
             batch_size,
@@ -439,8 +445,10 @@ class _StageLoop:
             start=consumed,
             rank=self.ranks.rank,
             world=self.ranks.world,
+            with_epoch=augment,
         )
-        return iter(DataLoader(self.data, batch_sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers,
+        data = AugmentedDataset(self.data, recipe.data.augment, recipe.seed + self.number) if augment else self.data
+        return iter(DataLoader(data, batch_sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers,
                                pin_memory=pin))
 
     def _draw(self, loader: Any) -> tuple[dict[str, Any], int]:

@@ -14,17 +14,18 @@ from blipkit.errors import DataError
 __all__ = ["BatchIndexSampler", "stage_indices"]
 
 
-class BatchIndexSampler(Sampler[list[int]]):
+class BatchIndexSampler(Sampler[list[Any]]):
     """Endless global batches of dataset indices in a seeded order per epoch, from batch ``start`` on;
     this process's share of each.
 
     The order depends only on (seed, epoch) and the global ``batch_size``, so a resumed run sees exactly
     the batches the uninterrupted one would, and any number of processes sees the same samples in the
     same steps. Process ``rank`` of ``world`` takes the rows ``[rank * B // world, (rank + 1) * B // world)``
-    of every global batch of B.
+    of every global batch of B. ``with_epoch`` yields (index, epoch) pairs instead of indices.
     """
 
-    def __init__(self, indices: list[int], batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, indices: list[int], batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1,
+                 with_epoch: bool = False) -> None:
         if batch_size < world:
             raise DataError(
                 f"the global batch of {batch_size} is smaller than the {world} processes that share it; "
@@ -40,14 +41,16 @@ class BatchIndexSampler(Sampler[list[int]]):
         self.start = start
         self.rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
         self.per_epoch = len(indices) // batch_size
+        self.with_epoch = with_epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         epoch, offset = divmod(self.start, self.per_epoch)
         for current in itertools.count(epoch):
             order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed * 100003 + current))
             for batch in range(offset if current == epoch else 0, self.per_epoch):
                 chunk = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-                yield [self.indices[i] for i in chunk[self.rows].tolist()]
+                mine = [self.indices[i] for i in chunk[self.rows].tolist()]
+                yield [(index, current) for index in mine] if self.with_epoch else mine
 
 
 def stage_indices(dataset: Any, tasks: list[str], weights: dict[str, float] | None = None) -> list[int]:
