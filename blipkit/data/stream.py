@@ -51,16 +51,19 @@ class SlotPosition:
     after: Place | None = None
     buffer: list[tuple[int, Place]] = field(default_factory=list)
     rng: list[Any] | None = None
+    batches: int = 0
+    """Batches the slot has given since the run began, across epochs."""
 
     def to_json(self) -> dict[str, Any]:
         """A dict for trainer_state/state.json."""
         return {"epoch": self.epoch, "shard": self.shard, "after": self.after, "buffer": [list(b) for b in self.buffer],
-                "rng": self.rng}
+                "rng": self.rng, "batches": self.batches}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SlotPosition:
         """The position ``to_json`` wrote."""
-        return cls(data["epoch"], data["shard"], data["after"], [tuple(b) for b in data["buffer"]], data["rng"])
+        return cls(data["epoch"], data["shard"], data["after"], [tuple(b) for b in data["buffer"]], data["rng"],
+                   data.get("batches", 0))
 
 
 def _rng_state(rng: random.Random) -> list[Any]:
@@ -144,7 +147,7 @@ class _SlotReader:
                 self.position.shard, self.position.after = index + 1, None
             while self.buffer:
                 yield self._draw()
-            self.position = SlotPosition(epoch=self.position.epoch + 1)
+            self.position = SlotPosition(epoch=self.position.epoch + 1, batches=self.position.batches)
             self.rng = random.Random(f"{self.seed}/{self.slot}/{self.position.epoch}")
 
     def _draw(self) -> Record:
@@ -155,7 +158,7 @@ class _SlotReader:
     def snapshot(self) -> SlotPosition:
         """The position after the records drawn so far: the last record read, those still buffered."""
         return SlotPosition(self.position.epoch, self.position.shard, self.position.after,
-                            [(index, place) for index, place, _ in self.buffer], _rng_state(self.rng))
+                            [(index, place) for index, place, _ in self.buffer], _rng_state(self.rng), self.position.batches)
 
 
 class StreamBatches(IterableDataset):
@@ -180,7 +183,7 @@ class StreamBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        slot = self.rank * self.workers + (info.id if info is not None else 0)
+        slot = self.rank * self.workers + ((info.id if info is not None else 0) + self._first_worker()) % self.workers
         saved = self.positions.get(slot)
         position = SlotPosition.from_json(saved) if saved is not None else SlotPosition()
         reader = _SlotReader(self.dataset, self.tasks, self.seed, slot, self.world * self.workers, self.buffer_size, position)
@@ -188,9 +191,16 @@ class StreamBatches(IterableDataset):
         while True:
             chunk = [next(records) for _ in range(self.batch_size)]
             batch = self.collate([_sample(record, reader.skipped) for record in chunk])
+            reader.position.batches += 1
             batch.update(stream_slot=slot, stream_position=reader.snapshot().to_json(), stream_skipped=dict(reader.skipped))
             reader.skipped.clear()
             yield batch
+
+    def _first_worker(self) -> int:
+        """Which slot of this process gives the next batch: the DataLoader takes its workers in turn from the
+        first, so a run resumed after a number of batches that is not a multiple of the workers turns them."""
+        mine = range(self.rank * self.workers, (self.rank + 1) * self.workers)
+        return sum(self.positions[slot].get("batches", 0) for slot in mine if slot in self.positions) % self.workers
 
 
 def _sample(record: Record, skipped: Counter[str]) -> Sample | None:

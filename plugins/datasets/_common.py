@@ -14,6 +14,9 @@ TEXT_COLUMNS = ("text", "caption")
 ANSWER_COLUMNS = ("answer", "multiple_choice_answer")
 
 
+LOCAL_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+"""The datasets-library builder that reads a local file of each suffix."""
+
 def as_text(value: Any) -> str:
     """A cell as stripped text ('' for None or non-text)."""
     if isinstance(value, str):

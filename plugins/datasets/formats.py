@@ -10,16 +10,20 @@ import csv
 import functools
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from blipkit import hookimpl
-from blipkit.data.dataset import MALFORMED_ROW, ImageTextDataset
+from blipkit.data.dataset import MALFORMED_ROW, NOT_UTF8, ImageTextDataset
 from blipkit.data.images import load_image, load_image_bytes
 from blipkit.data.sample import Record, most_frequent_answer
+from blipkit.data.stream import StreamingDataset
 from blipkit.errors import DataError, one_line
 from blipkit.io import read_json
+from blipkit.plugins.datasets._hf_stream import streaming_hf
 from blipkit.plugins.datasets._common import (
+    LOCAL_BUILDERS,
     TEXT_COLUMNS,
     as_answers,
     as_text,
@@ -32,6 +36,7 @@ __all__ = ["coco", "hf_dataset", "imagefolder", "register_datasets", "vqav2"]
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 NO_ANSWERS = "no answers"
+NO_QUESTION = "answers to a question not in the questions file"
 
 
 # --------------------------------------------------------------------------- image folder + metadata
@@ -47,31 +52,43 @@ def _metadata_file(root: Path, split: str) -> Path | None:
     return None
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+def _undecodable(text: str) -> bool:
+    """Whether ``text``, read with ``errors="surrogateescape"``, held bytes that are not UTF-8."""
+    return any("\udc80" <= char <= "\udcff" for char in text)
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The rows of a JSONL file, and how many lines were skipped and why (not UTF-8, not a JSON object)."""
     rows: list[dict[str, Any]] = []
-    malformed = 0
-    with path.open(encoding="utf-8") as handle:
+    skipped = {MALFORMED_ROW: 0, NOT_UTF8: 0}
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as handle:
         for line in handle:
             if not line.strip():
+                continue
+            if _undecodable(line):
+                skipped[NOT_UTF8] += 1
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                malformed += 1
+                skipped[MALFORMED_ROW] += 1
                 continue
             if isinstance(row, dict):
                 rows.append(row)
             else:
-                malformed += 1
-    return rows, malformed
+                skipped[MALFORMED_ROW] += 1
+    return rows, skipped
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as handle:
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The rows of a CSV file with a ``file_name`` column, and how many were skipped for bytes that are not UTF-8."""
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or "file_name" not in reader.fieldnames:
             raise DataError(f"{path}: CSV has no 'file_name' column (columns: {', '.join(reader.fieldnames or [])})")
-        return list(reader)
+        rows = list(reader)
+    kept = [row for row in rows if not any(_undecodable(f"{key}{value}") for key, value in row.items())]
+    return kept, {NOT_UTF8: len(rows) - len(kept)}
 
 
 def imagefolder(source: str, split: str = "train") -> ImageTextDataset:
@@ -87,18 +104,16 @@ def imagefolder(source: str, split: str = "train") -> ImageTextDataset:
     meta = _metadata_file(root, split)
     if meta is None:
         raise DataError(f"{root}: no metadata.jsonl or metadata.csv; add one with columns file_name and text")
-    try:
-        rows, malformed = _read_jsonl(meta) if meta.suffix == ".jsonl" else (_read_csv(meta), 0)
-    except UnicodeDecodeError:
-        raise DataError(f"{meta}: not UTF-8 text; re-save it as UTF-8") from None
+    rows, skipped = _read_jsonl(meta) if meta.suffix == ".jsonl" else _read_csv(meta)
+    skipped = Counter(skipped)
     records: list[Record] = []
     for row in rows:
         file_name = as_text(row.get("file_name"))
         if not file_name:
-            malformed += 1
+            skipped[MALFORMED_ROW] += 1
             continue
         records.extend(row_records(row, meta.parent / file_name, Path(file_name).as_posix()))
-    return ImageTextDataset(records, name=f"imagefolder:{root.name}", split=split, skipped={MALFORMED_ROW: malformed})
+    return ImageTextDataset(records, name=f"imagefolder:{root.name}", split=split, skipped=skipped)
 
 
 def _is_imagefolder(name: str) -> bool:
@@ -140,7 +155,7 @@ def coco(source: str, split: str = "train", image_dir: str | None = None) -> Ima
 def _json_kind(path: str, mtime_ns: int, size: int) -> str:
     """``coco``, ``vqav2`` or '' for a JSON file, cached per file version."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return ""
     if not isinstance(data, dict):
@@ -224,11 +239,15 @@ def vqav2(
     pattern_split = image_split or _image_split(subtype, questions_path, split)
 
     by_question: dict[Any, dict[str, Any]] = {}
+    skipped = {MALFORMED_ROW: 0, NO_ANSWERS: 0, NO_QUESTION: 0}
     for ann in ann_data["annotations"]:
         if isinstance(ann, dict) and "question_id" in ann:
             by_question[ann["question_id"]] = ann
+        else:
+            skipped[MALFORMED_ROW] += 1
+    asked = {q.get("question_id") for q in questions["questions"] if isinstance(q, dict)}
+    skipped[NO_QUESTION] = sum(1 for question_id in by_question if question_id not in asked)
     records: list[Record] = []
-    skipped = {MALFORMED_ROW: 0, NO_ANSWERS: 0}
     for q in questions["questions"]:
         if not isinstance(q, dict) or not {"question_id", "image_id", "question"} <= q.keys():
             skipped[MALFORMED_ROW] += 1
@@ -257,7 +276,6 @@ def vqav2(
 # --------------------------------------------------------------------------- hf: (the datasets library)
 
 
-_LOCAL_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
 
 def _is_saved_hf(name: str) -> bool:
@@ -280,7 +298,7 @@ def _load_hf(source: str, split: str, config: str | None) -> Any:
                 return loaded[split]
             return loaded
         if path.is_file():
-            builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+            builder = LOCAL_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise DataError(f"hf:{source}: cannot read {path.suffix} files; use parquet, csv, json(l) or arrow")
             return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
@@ -318,13 +336,21 @@ def hf_dataset(
     question_column: str | None = None,
     answers_column: str | None = None,
     config: str | None = None,
-) -> ImageTextDataset:
+    streaming: bool = False,
+) -> ImageTextDataset | StreamingDataset:
     """A dataset read with the ``datasets`` library: a hub id (cached), a ``save_to_disk`` folder, or local files.
 
     ``question_column`` / ``answers_column`` default to ``question`` / ``answers`` when those columns exist,
     which makes the rows VQA samples; a text cell holding a list gives one caption sample per entry.
+    ``streaming``: read it shard by shard, never all in memory (``plugins/datasets/_hf_stream.py``).
     """
     import datasets
+
+    if streaming:
+        text_columns = (text_column, *TEXT_COLUMNS, "captions")
+        to_records = functools.partial(_stream_row_records, text_columns=text_columns, question=question_column or "question",
+                                       answers=answers_column or "answers")
+        return streaming_hf(source, split, image_column, config, to_records)
 
     table = _load_hf(source, split, config)
     if isinstance(table, datasets.DatasetDict):
@@ -353,6 +379,11 @@ def hf_dataset(
         image = functools.partial(_hf_image, images, index, image_column, label)
         records.extend(row_records(row, image, image_id, text_columns, question, answers))
     return ImageTextDataset(records, name=label, split=split)
+
+
+def _stream_row_records(row: dict[str, Any], image: Any, image_id: str, text_columns: tuple[str, ...], question: str,
+                        answers: str) -> list[Record]:
+    return row_records(row, image, image_id, text_columns, question, answers)
 
 
 @hookimpl
