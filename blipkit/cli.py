@@ -37,8 +37,8 @@ class BlipkitGroup(click.Group):
                 impl.function(cli=self)
             except Exception as err:  # a broken plugin must not take the CLI down, nor the other plugins' commands
                 click.echo(
-                    f"Warning: plugin '{impl.plugin_name}' could not add its commands ({type(err).__name__}: "
-                    f"{one_line(err)}); fix or disable it (BLIPKIT_DISABLE_PLUGINS={impl.plugin_name})",
+                    f"Warning: plugin '{impl.plugin_name}' could not add its commands ({one_line(err)}); "
+                    f"fix or disable it (BLIPKIT_DISABLE_PLUGINS={impl.plugin_name})",
                     err=True,
                 )
 
@@ -366,6 +366,9 @@ def cache(args: tuple[str, ...], clear: bool, quiet: bool) -> None:
     for split, view in recipe_features(load_recipe(name, overrides), quiet=quiet):
         size = cache_size(view.cache.path)
         click.echo(f"{split.name} ({split.split}): {len(view.cache)} images cached in {view.cache.path} ({size / 2**20:.1f} MiB)")
+        if view.skipped:
+            click.echo(f"{split.name} ({split.split}) skipped samples: "
+                       + ", ".join(f"{n} {reason}" for reason, n in view.skipped.items() if n), err=True)
 
 
 @cli.group()

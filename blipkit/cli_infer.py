@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from blipkit.errors import one_line
+from blipkit.errors import DataError, one_line
 
 
 def _resolve_model(model: str | None) -> str:
@@ -18,20 +19,53 @@ def _resolve_model(model: str | None) -> str:
     return model or str(last_run())
 
 
-def _run_per_image(paths: list[Path], work: Any, quiet: bool) -> list[tuple[Path, Any]]:
-    """Apply ``work`` to each image; unreadable ones are reported on stderr and skipped."""
+class _Skips:
+    """The inputs a command over several images could not use: each is named on stderr when it is met, and
+    ``finish`` then ends the command with exit status 1 (after every good result was printed)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, item: object, err: DataError) -> None:
+        self.count += 1
+        message = one_line(err)
+        click.echo(f"Skipped {message if message.startswith(str(item)) else f'{item}: {message}'}", err=True)
+
+    def finish(self, total: int, done: str) -> None:
+        """Raise when anything was skipped: ``total`` inputs in all, ``done`` says what became of the others."""
+        if self.count == total:
+            raise DataError(f"none of the {total} inputs could be used (each is named above)")
+        if self.count:
+            raise DataError(f"skipped {self.count} of {total} inputs (each is named above); {done}")
+
+
+def _image_paths(inputs: tuple[str, ...], skips: _Skips) -> list[Path]:
+    """The image files that ``inputs`` name; with several inputs, one that names no image is skipped
+    (DataError when none is left)."""
+    from blipkit.data.images import iter_image_paths
+
+    paths = list(iter_image_paths(inputs, on_error=skips if len(inputs) > 1 else None))
+    if not paths:
+        skips.finish(skips.count, "")
+    return paths
+
+
+def _run_per_image(paths: list[Path], work: Any, quiet: bool, skips: _Skips) -> Iterator[tuple[Path, Any]]:
+    """Apply ``work`` to each image and yield its result; an unreadable one is passed to ``skips``, unless it
+    is the command's only input (then its error ends the command)."""
     from rich.progress import track
 
-    from blipkit.errors import DataError
-
-    results = []
+    alone = len(paths) == 1 and not skips.count
     show = not quiet and len(paths) > 1 and sys.stderr.isatty()
     for path in track(paths, description="images", disable=not show, console=None):
         try:
-            results.append((path, work(path)))
+            result = work(path)
         except DataError as err:
-            click.echo(f"Skipped {path}: {one_line(err)}", err=True)
-    return results
+            if alone:
+                raise
+            skips(path, err)
+            continue
+        yield path, result
 
 
 @click.command()
@@ -56,15 +90,24 @@ def caption(images: tuple[str, ...], model: str | None, prompt: str | None, beam
     diverse captions with nucleus sampling:
       blipkit caption photos/ --model runs/default --json
       blipkit caption cat.jpg --sample --top-p 0.9 -n 3
+
+    \b
+    Exit status:
+      0  every image was captioned
+      1  some input was skipped (a missing path, an unreadable image: each is named on stderr, and
+         every other image is still captioned), or an error stopped the command
+      2  a usage or configuration mistake
     """
     import blipkit
-    from blipkit.data.images import iter_image_paths, load_image
+    from blipkit.data.images import load_image
 
     if (top_p is not None or temperature is not None) and not sample:
         raise click.UsageError("--top-p and --temperature go with --sample")
     if sample and beams is not None:
         raise click.UsageError("choose --beams (beam search) or --sample (nucleus sampling), not both")
-    paths = list(iter_image_paths(images))
+    skips = _Skips()
+    paths = _image_paths(images, skips)
+    total = len(paths) + skips.count
     vlm = blipkit.load(_resolve_model(model))
     generation = {k: v for k, v in (("num_beams", beams), ("max_new_tokens", max_new_tokens), ("top_p", top_p),
                                     ("temperature", temperature)) if v is not None}
@@ -74,13 +117,14 @@ def caption(images: tuple[str, ...], model: str | None, prompt: str | None, beam
     def describe(path: Path) -> list[str]:
         return vlm.caption([load_image(path)], prompt=prompt, num_captions=num_captions, **generation)
 
-    for path, texts in _run_per_image(paths, describe, quiet):
+    for path, texts in _run_per_image(paths, describe, quiet, skips):
         if as_json:
             field = {"caption": texts[0]} if num_captions == 1 else {"captions": texts}
             click.echo(json.dumps({"image": str(path), **field}))
         else:
             for text in texts:
                 click.echo(f"{path}: {text}")
+    skips.finish(total, "every other image was captioned")
 
 
 @click.command()
@@ -111,20 +155,22 @@ def retrieve(model: str | None, image_inputs: tuple[str, ...], text: str, top_k:
     """Find the images that best match --text: contrastive similarity, then ITM re-ranking (BLIP-2's way).
 
     Needs a model whose Q-Former was trained with stage 1. A Q-Former trained without ITM (the default
-    recipe's) ranks by contrastive similarity alone.
+    recipe's) ranks by contrastive similarity alone. Exit status 1 when some input was skipped (each is
+    named on stderr; the others are still searched), as for caption.
     """
     import blipkit
-    from blipkit.data.images import iter_image_paths
     from blipkit.inference import retrieve_images
 
-    paths = list(iter_image_paths(image_inputs))
+    skips = _Skips()
+    paths = _image_paths(image_inputs, skips)
+    total = len(paths) + skips.count
     vlm = blipkit.load(_resolve_model(model))
     ranked = retrieve_images(
-        vlm, paths, text, top_k=top_k, rerank_k=rerank_k,
-        on_skip=lambda path, why: click.echo(f"Skipped {path}: {one_line(why)}", err=True),
+        vlm, paths, text, top_k=top_k, rerank_k=rerank_k, on_skip=lambda path, why: skips(path, DataError(why))
     )
     for rank, (path, score) in enumerate(ranked, start=1):
         click.echo(json.dumps({"image": str(path), "score": round(score, 4)}) if as_json else f"{rank}. {path}  {score:.3f}")
+    skips.finish(total, "every other image was searched")
 
 
 @click.command()

@@ -8,6 +8,7 @@ off, so ``~stage1`` runs stage 2 alone).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,8 +319,12 @@ def _check_stage(stage: StageConfig) -> None:
             raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(stage, key)}")
     if stage.epochs is not None and not stage.epochs > 0:
         raise ConfigError(f"{where}.epochs: must be more than 0, got {stage.epochs}")
-    if stage.lr <= 0 or stage.min_lr < 0 or stage.min_lr > stage.lr:
-        raise ConfigError(f"{where}: need 0 <= min_lr <= lr and lr > 0 (lr={stage.lr}, min_lr={stage.min_lr})")
+    if not (math.isfinite(stage.lr) and math.isfinite(stage.min_lr)) or stage.lr <= 0 or stage.min_lr < 0 or stage.min_lr > stage.lr:
+        raise ConfigError(f"{where}: need 0 <= min_lr <= lr and lr > 0, both finite (lr={stage.lr}, min_lr={stage.min_lr})")
+    if stage.warmup_steps < 0:
+        raise ConfigError(f"{where}.warmup_steps: must be at least 0, got {stage.warmup_steps}")
+    if stage.batch_size is not None and stage.batch_size < 1:
+        raise ConfigError(f"{where}.batch_size: must be at least 1, got {stage.batch_size}")
     if not stage.tasks or not all(isinstance(task, str) and task for task in stage.tasks):
         raise ConfigError(f"{where}.tasks: expected a non-empty list of task names (caption, vqa, ...), got {stage.tasks}")
     accepted = _objective_tasks(stage.objective)
@@ -494,6 +499,8 @@ def read_recipe_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"recipe file {path} does not exist; list shipped recipes with: blipkit recipes ls") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save the recipe as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {one_line(err)}") from None
     if not isinstance(data, dict):

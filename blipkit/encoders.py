@@ -113,7 +113,9 @@ class ImageTransform:
                 new_size = (short, max(1, int(short * height / width)))
             else:
                 new_size = (max(1, int(short * width / height)), short)
-            if new_size != image.size:
+            if max(new_size) > 4 * max(short, self.size):
+                image = _resize_middle(image, new_size, max(short, self.size), resample)
+            elif new_size != image.size:
                 image = image.resize(new_size, resample=resample)
             image = _center_crop(image, self.size)
         array = np.asarray(image, dtype=np.float32) / 255.0
@@ -125,6 +127,19 @@ class ImageTransform:
     def describe(self) -> dict[str, Any]:
         """The settings, for cache keys."""
         return asdict(self)
+
+
+def _resize_middle(image: Image.Image, new_size: tuple[int, int], keep: int, resample: Image.Resampling) -> Image.Image:
+    """The middle ``keep`` pixels (along the long side) of ``image`` resized to ``new_size``, without resizing
+    the rest: a 1 x 100000 strip would otherwise become a multi-gigabyte image before the crop."""
+    width, height = image.size
+    if new_size[0] > new_size[1]:
+        span = keep * width / new_size[0]
+        left = (width - span) / 2
+        return image.resize((keep, new_size[1]), resample=resample, box=(left, 0, left + span, height))
+    span = keep * height / new_size[1]
+    top = (height - span) / 2
+    return image.resize((new_size[0], keep), resample=resample, box=(0, top, width, top + span))
 
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:

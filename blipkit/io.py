@@ -50,10 +50,14 @@ def read_json(path: str | Path) -> Any:
     """Read a JSON file, with a one-line error naming the file when it is missing or malformed."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise DataError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({err.strerror or err}); check that it is a readable file") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON ({err}); fix or regenerate the file") from None
 
 
@@ -75,7 +79,7 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
     """Load a safetensors file, with a one-line error when it is missing or corrupt."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path} does not exist")
+        raise DataError(f"{path} does not exist; restore the file, or save the weights again")
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError) as err:

@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 import blipkit.hookspecs as hookspecs
-from blipkit.errors import BlipkitError, one_line
+from blipkit.errors import DuplicateNameError, one_line
 from blipkit.registry import Registry
 
 __all__ = [
@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "blipkit.plugins.bridges.projectors",
     "blipkit.plugins.objectives.language_modeling",
     "blipkit.plugins.datasets.formats",
+    "blipkit.plugins.datasets.llava",
     "blipkit.plugins.datasets.shapes",
     "blipkit.plugins.datasets.webdataset_format",
     "blipkit.plugins.checkpoints.blip2",
@@ -154,15 +155,26 @@ def failed_plugins() -> dict[str, str]:
 
 
 def _call_hook(state: _State, hook_name: str, registry: Registry) -> None:
+    """Call one plugin after another; one that raises is recorded as failed and the others still register.
+    Two plugins claiming one name stop everything: which one wins would be an accident."""
     hook = getattr(state.pm.hook, hook_name)
     for impl in reversed(hook.get_hookimpls()):
         register = partial(registry.register, plugin=impl.plugin_name)
         try:
             impl.function(register=register)
-        except BlipkitError:
+        except DuplicateNameError:
             raise
         except Exception as err:
             state.failed[impl.plugin_name] = one_line(f"{hook_name}: {type(err).__name__}: {err}")
+
+
+def _unknown_name_hint(attr: str, failed: dict[str, str]) -> str:
+    """What an unknown-name error adds: where to list the names, and the plugins that failed to load (the
+    name may be theirs)."""
+    hint = f"List them with: blipkit {attr}"
+    if failed:
+        hint += f". Plugins that failed to load (blipkit plugins tells why): {', '.join(failed)}"
+    return hint
 
 
 def registries() -> Registries:
@@ -171,9 +183,11 @@ def registries() -> Registries:
     if state.registries is None:
         built: dict[str, Registry] = {}
         for attr, (hook_name, kind) in REGISTRY_HOOKS.items():
-            registry = Registry(kind, hint=f"List them with: blipkit {attr}")
+            registry = Registry(kind)
             _call_hook(state, hook_name, registry)
             built[attr] = registry
+        for attr, registry in built.items():
+            registry.hint = _unknown_name_hint(attr, state.failed)
         state.registries = Registries(**built)
     return state.registries
 

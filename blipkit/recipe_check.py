@@ -63,6 +63,11 @@ def validate_recipe(recipe: Recipe) -> None:
         if component.pretrained and not Path(component.pretrained).exists():
             raise ConfigError(f"{key}.pretrained: {component.pretrained} does not exist")
     for stage, objective in zip(recipe.stages, objectives, strict=True):
+        if stage.warmup_steps > stage.steps:
+            raise ConfigError(
+                f"{stage.name}.warmup_steps: must be at most the stage's {stage.steps} steps, got {stage.warmup_steps} "
+                "(a longer warmup never reaches the peak learning rate)"
+            )
         if stage.projection_init:
             _check_projection_fit(stage, objective, recipe.projection.name, regs)
     for split_key in ("train", "validation"):

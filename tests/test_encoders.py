@@ -481,3 +481,27 @@ def test_errors_are_blipkit_errors() -> None:
     with pytest.raises(ConfigError, match="out of range"):
         encoder_helpers.resolve_layer(-5, 4, "m")
     assert encoder_helpers.resolve_layer(-2, 4, "m") == 2
+
+
+def test_a_very_long_strip_is_preprocessed_in_bounded_memory() -> None:
+    """A 1 x 100000 image goes through the transform without being resized whole (which would take ~15 GB),
+    and a strip short enough to resize whole gives nearly the same pixels either way."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    probe = (
+        "from pathlib import Path\nfrom PIL import Image\nfrom blipkit.encoders import ImageTransform\n"
+        "t = ImageTransform(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))\n"
+        "shape = tuple(t(Image.new('RGB', (1, 100000), (9, 99, 199))).shape)\n"
+        "print(shape, next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM')))"
+    )  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (pytest) across exec
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    shape, peak_kib = done.stdout.rsplit(" ", 1)
+    assert shape.startswith("(3, 224, 224)") and int(peak_kib) < 1024 * 1024
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 20, 3), dtype=np.uint8))
+    transform = encoder_helpers.ImageTransform(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    whole = strip.resize((64, 9600), resample=Image.Resampling.BICUBIC)
+    reference = torch.from_numpy(np.asarray(whole.crop((0, 4768, 64, 4832)), dtype=np.float32) / 255).permute(2, 0, 1)
+    assert (transform(strip) * 0.5 + 0.5 - reference).abs().mean() < 0.02

@@ -21,6 +21,7 @@ from blipkit.data import feature_cache
 from blipkit.data.feature_cache import FeatureCache
 from blipkit.data.sample import Record
 from blipkit.errors import DataError
+from blipkit.locks import HOST
 
 CACHE_KEY = "tiny-linear-encoder"
 # Integer weights and integer pixels make every token exact, whatever the batch an image is encoded in.
@@ -178,7 +179,7 @@ def test_a_killed_fill_resumes_where_it_stopped(
     readable = [key for key in whole_keys if key is not None]
     features = Features({"key": Value("string"), "tokens": Array2D(shape=(4, 6), dtype="float16")})
     zeros = Dataset.from_dict({"key": readable, "tokens": [np.zeros((4, 6), np.float16)] * len(readable)}, features=features)
-    zeros.save_to_disk(str(cache_path / f".shard-r000-0123456789ab.{feature_cache._HOST}-{process.pid}.tmp"))
+    zeros.save_to_disk(str(cache_path / f".shard-r000-0123456789ab.{HOST}-{process.pid}.tmp"))
 
     cache = FeatureCache(CACHE_KEY, root=root)
     cached = len(cache)

@@ -44,7 +44,8 @@ def invoke(*args: str) -> object:
 
 def test_caption_a_folder_as_json_skips_the_corrupt_image(run_dir: Path, images: Path) -> None:
     result = invoke("caption", str(images), "--model", str(run_dir), "--json", "--beams", "1", "--max-new-tokens", "4")
-    assert result.exit_code == 0, result.output + str(result.exception)
+    assert result.exit_code == 1, result.output + str(result.exception)  # 1: an input was skipped
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: skipped 1 of 4 inputs")
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(r["image"]).name for r in rows] == ["blue.jpg", "green.png", "red.png"]
     assert all(isinstance(r["caption"], str) for r in rows)
@@ -53,7 +54,7 @@ def test_caption_a_folder_as_json_skips_the_corrupt_image(run_dir: Path, images:
 
 def test_caption_plain_text_and_glob(run_dir: Path, images: Path) -> None:
     result = invoke("caption", str(images / "*.png"), "-m", str(run_dir), "--beams", "1", "--max-new-tokens", "3")
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # broken.png is skipped; the others are still captioned
     assert result.stdout.count(": ") == 2 and "red.png" in result.stdout
 
 
@@ -77,7 +78,7 @@ def test_missing_model_and_missing_image_are_one_line_errors(run_dir: Path, imag
 
 def test_retrieve_ranks_images(run_dir: Path, images: Path) -> None:
     result = invoke("retrieve", "-m", str(run_dir), "--images", str(images), "--text", "a red square", "--top-k", "2", "--json")
-    assert result.exit_code == 0, result.output + str(result.exception)
+    assert result.exit_code == 1, result.output + str(result.exception)  # broken.png is skipped
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 2 and rows[0]["score"] >= rows[1]["score"]
     assert "broken.png" in result.stderr
@@ -96,7 +97,7 @@ def test_without_itm_retrieval_ranks_by_contrastive_similarity(tmp_path: Path, i
     model = blipkit.load(tmp_path / "run")
     assert model.bridge.objectives == ("itc", "itg")
     result = invoke("retrieve", "-m", str(tmp_path / "run"), "--images", str(images), "--text", "a red square", "--json")
-    assert result.exit_code == 0, result.output + str(result.exception)
+    assert result.exit_code == 1, result.output + str(result.exception)  # broken.png is skipped
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     paths = sorted(p for p in images.iterdir() if p.name != "broken.png")
     with torch.no_grad():

@@ -325,7 +325,8 @@ def test_parts_not_the_demos_build_on_blip2_and_data_replaces_its_options(tmp_pa
     assert recipe_with_parts(None, {"encoder": "efficientnet-lite0"}).name == "default"
     assert recipe_with_parts("tiny", {"data": str(captions)}).data.train.options == {}
     small = ["bridge.options={init: random, num_layers: 2, hidden_size: 32, num_heads: 4, intermediate_size: 64}",
-             "stage1.steps=1", "stage2.steps=1", "data.batch_size=4", "data.num_workers=0"]
+             "stage1.steps=1", "stage2.steps=1", "stage1.warmup_steps=0", "stage2.warmup_steps=0", "data.batch_size=4",
+             "data.num_workers=0"]
     result = CliRunner().invoke(cli, ["train", "--encoder", "tiny-vit", "--llm", "tiny-llama", "--data", str(captions), *small,
                                       "-o", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 0, result.output + str(result.exception)

@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 
 from blipkit.data.images import load_image
 from blipkit.data.sample import Record, Sample
-from blipkit.errors import DataError
+from blipkit.errors import DataError, UnknownNameError
 
-__all__ = ["CORRUPT_IMAGE", "ImageTextDataset", "materialise_image", "open_dataset"]
+__all__ = ["CORRUPT_IMAGE", "MALFORMED_ROW", "NOT_UTF8", "ImageTextDataset", "materialise_image", "open_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ EMPTY_TEXT = "empty text"
 EMPTY_QUESTION = "empty question"
 CORRUPT_IMAGE = "corrupt image"
 MALFORMED_ROW = "malformed row"
+NOT_UTF8 = "row not UTF-8"
 
 
 class ImageTextDataset(Dataset):
@@ -162,7 +163,20 @@ def materialise_image(source: object) -> Image.Image:
 
 
 def open_dataset(name: str, split: str, options: dict[str, Any]) -> ImageTextDataset:
-    """Build a dataset through the dataset registry (a format name, ``prefix:source`` or a path)."""
+    """Build a dataset through the dataset registry (a format name, ``prefix:source`` or a path).
+
+    A path that exists but that no format recognises (a damaged JSON file, a folder without metadata) is a
+    DataError that says so and how to name its format.
+    """
     from blipkit.plugin_manager import registries
 
-    return registries().datasets.create(name, split=split, **options)
+    try:
+        resolved = registries().datasets.resolve(name)
+    except UnknownNameError:
+        if not Path(name).expanduser().exists():
+            raise
+        raise DataError(
+            f"{name}: no dataset format recognises it (a damaged or empty file, or a folder without metadata?); "
+            f"name its format to see what is wrong, e.g. coco:{name} (blipkit datasets lists the formats)"
+        ) from None
+    return resolved.create(split=split, **options)

@@ -283,8 +283,9 @@ def _read_adapter_config(directory: Path) -> Any:
     from peft import LoraConfig
 
     data = read_json(directory / ADAPTER_CONFIG)
-    if data.get("peft_type") != "LORA":
-        raise DataError(f"{directory / ADAPTER_CONFIG} is not a LoRA adapter (peft_type {data.get('peft_type')!r})")
+    if not isinstance(data, dict) or data.get("peft_type") != "LORA":
+        kind = data.get("peft_type") if isinstance(data, dict) else None
+        raise DataError(f"{directory / ADAPTER_CONFIG} is not a LoRA adapter (peft_type {kind!r}); restore it or train again")
     known = set(LoraConfig.__dataclass_fields__)
     return LoraConfig(**{k: v for k, v in data.items() if k in known})
 
@@ -430,6 +431,8 @@ def load_bridge_lora(bridge: nn.Module, directory: str | Path) -> bool:
     if not (directory / BRIDGE_LORA_CONFIG).exists():
         return False
     settings = read_json(directory / BRIDGE_LORA_CONFIG)
+    if not isinstance(settings, dict):
+        raise DataError(f"{directory / BRIDGE_LORA_CONFIG} is not LoRA settings (not a JSON object); restore it or train again")
     tensors = load_safetensors(directory / BRIDGE_LORA_WEIGHTS)
     if has_lora(bridge):
         weights = directory / "model.safetensors"

@@ -18,7 +18,7 @@ from blipkit.distributed import Ranks
 from blipkit.errors import BlipkitError
 from blipkit.io import atomic_write_text, read_json
 from blipkit.locks import DirectoryLock
-from blipkit.model.persistence import META_FILE, save_weights, write_meta
+from blipkit.model.persistence import META_FILE, checkpoint_dir, save_weights, write_meta
 from blipkit.model.vlm import VisionLanguageModel
 from blipkit.train.processes import whole_optimizer_state, whole_state_dicts
 from blipkit.train.state import rng_state, save_trainer_state
@@ -58,7 +58,7 @@ def _resume_point(run_dir: Path) -> ResumePoint | None:
     progress = meta.get("progress")
     if progress is None:
         return None
-    return progress, run_dir / meta["checkpoint"]
+    return progress, checkpoint_dir(run_dir, meta)
 
 
 def _trim_metrics(path: Path, progress: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from blipkit.io import read_json
 from blipkit.locks import DirectoryLock
 from blipkit.model.build import add_language_model, build_model
 from blipkit.model.lora import has_lora
-from blipkit.model.persistence import META_FILE, load_weights, remember_last_run, write_meta
+from blipkit.model.persistence import META_FILE, checkpoint_dir, load_weights, remember_last_run, write_meta
 from blipkit.model.vlm import VisionLanguageModel
 from blipkit.plugin_manager import registries
 from blipkit.train.checkpoint import Checkpointer, ResumePoint, append_metrics, open_run_dir
@@ -248,7 +248,7 @@ class _Trainer:
     def _unsharded(self, with_llm: bool) -> VisionLanguageModel:
         """The model rebuilt whole from the checkpoint just written: FSDP leaves the trained parts sharded in
         place, and the next stage, validation and saving need them whole."""
-        checkpoint = self.run_dir / read_json(self.run_dir / META_FILE)["checkpoint"]
+        checkpoint = checkpoint_dir(self.run_dir, read_json(self.run_dir / META_FILE))
         with torch.random.fork_rng(devices=[]):
             model = build_model(self.recipe, with_llm=with_llm, frozen_dtype=frozen_dtype(self.accelerator))
         load_weights(model, checkpoint)

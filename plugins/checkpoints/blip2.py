@@ -103,7 +103,7 @@ def blip2_recipe(name: str, bridge_config: dict[str, Any]) -> Recipe:
         projection=ComponentConfig("linear"),
         llm=ComponentConfig(f"hf:{name}"),
         data=DataConfig(vqa_prompt="Question: {} Answer:", vqa_prompt_encoder_decoder="Question: {} Short answer:"),
-        stages=[StageConfig(lr=1e-4, min_lr=5e-5, warmup_steps=2000, objective="lm", name="stage2")],
+        stages=[StageConfig(steps=80000, lr=1e-4, min_lr=5e-5, warmup_steps=2000, objective="lm", name="stage2")],
     )
 
 

@@ -227,8 +227,15 @@ def hf_vision_encoder(model: str, layer: int | None = None, revision: str | None
     local = Path(model).expanduser().is_dir()
     source = str(Path(model).expanduser().resolve()) if local else model
     try:
-        config = transformers.AutoConfig.from_pretrained(source, revision=revision)
+        # Never a model's own code: hf: encoders take built-in families only, and left unset transformers
+        # would ask on a terminal whether to run it.
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(
+                f"hf:{model} needs its own Python code to load (auto_map in its config), which blipkit never runs "
+                "for an encoder; hf: encoders take SigLIP, CLIP (vision) or BLIP-2 models"
+            ) from None
         if local:
             raise ConfigError(f"{source} holds no readable config.json for a transformers model ({err})") from err
         raise _offline(model, err) from err

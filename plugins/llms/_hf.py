@@ -112,6 +112,10 @@ class _HFLanguageModel(LanguageModel):
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
         self.max_target_tokens = max_target_tokens
+        # The longest sequence the model takes (its learned or trained positions); None when it names none.
+        self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
         self.hidden_size = int(model.config.hidden_size)
         model.requires_grad_(False)
         model.eval()
@@ -169,7 +173,14 @@ class _HFLanguageModel(LanguageModel):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
     def _limit(self, ids: list[int]) -> list[int]:
-        return ids if self.max_target_tokens is None else ids[: self.max_target_tokens]
+        """A target's ids cut to ``max_target_tokens`` and to the model's positions: a caption of any length
+        is truncated, never fed whole."""
+        limits = [n for n in (self.max_target_tokens, self.max_positions) if n is not None]
+        return ids[: min(limits)] if limits else ids
+
+    def _fit(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sequences [B, T, ...] cut to the model's positions (keeping the start)."""
+        return rows if self.max_positions is None else rows[:, : self.max_positions]
 
     def _target_ids(self, text: str) -> list[int]:
         return self._limit(self._encode(text)) + [self.eos_token_id]
@@ -253,9 +264,15 @@ class CausalLM(_HFLanguageModel):
         super().__init__(model, tokenizer, name=name, max_target_tokens=max_target_tokens)
         tokenizer.padding_side = "left"
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def _prompt_ids(self, prompt: str, room: int | None = None) -> list[int]:
+        """BOS (when the tokenizer adds one) and the prompt's ids; a prompt longer than ``room`` (default: the
+        model's positions) keeps its end, which the answer continues."""
         bos = [self.tokenizer.bos_token_id] if self._adds_bos else []
-        return bos + self._encode(prompt)
+        ids = self._encode(prompt)
+        room = self.max_positions if room is None else room
+        if room is not None and len(bos) + len(ids) > room:
+            ids = ids[len(ids) - max(room - len(bos), 0) :]
+        return bos + ids
 
     def _continuation_ids(self, prompt: str, target: str) -> list[int]:
         """Target ids (+ EOS) as the tokenizer splits them when the target follows the prompt in one text."""
@@ -291,11 +308,11 @@ class CausalLM(_HFLanguageModel):
         batch = batch.to(self.device)
         prefix = self._prefix(prefix_embeds)
         size, length = prefix.shape[:2]
-        embeds = torch.cat([prefix, self.embed(batch.input_ids)], dim=1)
+        embeds = self._fit(torch.cat([prefix, self.embed(batch.input_ids)], dim=1))
         ones = torch.ones(size, length, dtype=batch.attention_mask.dtype, device=self.device)
         ignore = torch.full((size, length), IGNORE_INDEX, dtype=batch.labels.dtype, device=self.device)
-        labels = torch.cat([ignore, batch.labels], dim=1)
-        mask = torch.cat([ones, batch.attention_mask], dim=1)
+        labels = self._fit(torch.cat([ignore, batch.labels], dim=1))
+        mask = self._fit(torch.cat([ones, batch.attention_mask], dim=1))
         targets = labels[:, 1:]
         # Only positions that predict a label need the vocabulary-sized head: the visual prefix and most of
         # the prompt do not, and their logits would cost time and B x L x vocab memory for nothing.
@@ -312,7 +329,11 @@ class CausalLM(_HFLanguageModel):
         """Generate after [prefix][prompt] (left-padded); returns B * num_return_sequences strings."""
         prefix = self._prefix(prefix_embeds)
         size, length, hidden = prefix.shape
-        rows = [self._prompt_ids(p) for p in self._broadcast(prompts, size)]
+        room = None
+        if self.max_positions is not None:
+            new = generation.get("max_new_tokens") or GENERATION_DEFAULTS["max_new_tokens"]
+            room = max(self.max_positions - length - new, 1)
+        rows = [self._prompt_ids(p, room) for p in self._broadcast(prompts, size)]
         width = max(len(r) for r in rows)
         pad_embed = self.embed(torch.tensor([self.pad_token_id], device=self.device))[0].to(self.dtype)
         embeds = []
@@ -352,7 +373,10 @@ class Seq2SeqLM(_HFLanguageModel):
 
     def _encoder_ids(self, prompt: str) -> list[int]:
         eos = [self.tokenizer.eos_token_id] if self._adds_eos else []
-        return self._encode(prompt) + eos
+        ids = self._encode(prompt)
+        if self.max_positions is not None:
+            ids = ids[max(len(ids) + len(eos) - self.max_positions, 0) :]
+        return ids + eos
 
     def split_prefix_lm(self, text: str, generator: torch.Generator | None = None) -> tuple[str, str]:
         """Split ``text`` at a random word: (first words for the encoder, the rest as the target, never empty)."""
@@ -392,8 +416,8 @@ class Seq2SeqLM(_HFLanguageModel):
     def _encoder_inputs(self, prefix: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
         ones = torch.ones(prefix.shape[:2], dtype=mask.dtype, device=self.device)
         return {
-            "inputs_embeds": torch.cat([prefix, self.embed(input_ids).to(self.dtype)], dim=1),
-            "attention_mask": torch.cat([ones, mask.to(self.device)], dim=1),
+            "inputs_embeds": self._fit(torch.cat([prefix, self.embed(input_ids).to(self.dtype)], dim=1)),
+            "attention_mask": self._fit(torch.cat([ones, mask.to(self.device)], dim=1)),
         }
 
     def loss(self, prefix_embeds: torch.Tensor, batch: LMBatch) -> torch.Tensor:

@@ -134,8 +134,13 @@ def load_hf(
     revision: str | None = None,
     max_target_tokens: int | None = None,
     seed: int | None = None,
+    trust_remote_code: bool = False,
 ) -> CausalLM | Seq2SeqLM:
-    """Load a hub id or a local directory as a frozen LanguageModel (``seed``: prefix-LM splits, T5 only)."""
+    """Load a hub id or a local directory as a frozen LanguageModel (``seed``: prefix-LM splits, T5 only).
+
+    A model that needs its own Python code (``auto_map`` in its config) loads only with ``trust_remote_code``:
+    that code runs on this machine, so it is never run unless asked for.
+    """
     local = Path(source).expanduser()
     is_local = local.is_dir()
     label = label or source
@@ -150,12 +155,13 @@ def load_hf(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     where = str(local) if is_local else source
-    options: dict[str, Any] = {"revision": revision}
+    # Passed explicitly: left unset, transformers asks on a terminal whether to run a model's own code.
+    options: dict[str, Any] = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
     try:
         config = AutoConfig.from_pretrained(where, **options)
         if getattr(config, "model_type", "") == "blip-2":
             directory = local if is_local else _blip2_snapshot(label, source, revision)
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=bool(trust_remote_code))
             model = _blip2_language_model(directory, config, dtype)
         else:
             tokenizer = AutoTokenizer.from_pretrained(where, **options)
@@ -173,6 +179,11 @@ def load_hf(
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ConfigError(f"{label} is not a causal or seq2seq language model; pick a text LLM") from None
+        if "trust_remote_code" in str(err):
+            raise ConfigError(
+                f"{label} needs its own Python code to load (auto_map in its config), which blipkit does not run "
+                "unless asked: read that code, and only if you trust it set llm.options.trust_remote_code=true"
+            ) from None
         raise
     return wrap(model, tokenizer, name=label, max_target_tokens=max_target_tokens, seed=seed)
 
@@ -208,9 +219,14 @@ def hf_model(
     revision: str | None = None,
     max_target_tokens: int | None = None,
     seed: int | None = None,
+    trust_remote_code: bool = False,
 ) -> CausalLM | Seq2SeqLM:
-    """``hf:`` factory: a hub id or local directory; ``seed`` fixes prefix-LM splits (encoder-decoder only)."""
-    return load_hf(source, dtype=dtype, revision=revision, max_target_tokens=max_target_tokens, seed=seed)
+    """``hf:`` factory: a hub id or local directory; ``seed`` fixes prefix-LM splits (encoder-decoder only);
+    ``trust_remote_code`` lets a model run its own Python code (off unless set)."""
+    return load_hf(
+        source, dtype=dtype, revision=revision, max_target_tokens=max_target_tokens, seed=seed,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 @hookimpl
