@@ -46,6 +46,11 @@ def register_objectives(register: Register) -> None:
 
 
 @hookspec
+def register_exporters(register: Register) -> None:
+    """Register export formats for ``blipkit export --to NAME``: ``factory() -> blipkit.interfaces.Exporter``."""
+
+
+@hookspec
 def register_recipes(register: Register) -> None:
     """Register YAML recipes: ``register(name, path_to_yaml, description=...)``."""
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from blipkit.data.sample import Sample
     from blipkit.model.vlm import VisionLanguageModel
 
-__all__ = ["BridgeOutput", "Bridge", "Encoder", "LMBatch", "LanguageModel", "Objective"]
+__all__ = ["BridgeOutput", "Bridge", "Encoder", "Exporter", "LMBatch", "LanguageModel", "Objective"]
 
 
 class Encoder(nn.Module, abc.ABC):
@@ -77,8 +77,10 @@ class Bridge(nn.Module, abc.ABC):
 
     Optional parts (docs/plugins.md): ``aux_loss_weight`` (how much of ``BridgeOutput.aux_loss`` the training loss adds),
     ``lora_always_trainable`` (parameter-name patterns that keep training under LoRA), ``readout`` /
-    ``set_readout`` (a linear read-out a warm start can fit), and retrieval: ``supports_retrieval`` with
-    ``image_embeds``, ``text_embeds``, ``similarity``, and ``has_itm`` with ``itm_score``.
+    ``set_readout`` (a linear read-out a warm start can fit), retrieval: ``supports_retrieval`` with
+    ``image_embeds``, ``text_embeds``, ``similarity``, and ``has_itm`` with ``itm_score``, and
+    ``reads_instructions`` with ``instructed`` (query outputs that have read the prompt: InstructBLIP);
+    ``export_state`` (its weights in another library's layout, for an exporter).
     """
 
     output_dim: int
@@ -88,6 +90,7 @@ class Bridge(nn.Module, abc.ABC):
     has_itm: bool = False
     aux_loss_weight: float = 0.0
     lora_always_trainable: ClassVar[tuple[str, ...]] = ()
+    reads_instructions: ClassVar[bool] = False
 
     @abc.abstractmethod
     def forward(
@@ -127,10 +130,28 @@ class Bridge(nn.Module, abc.ABC):
         """Image-text matching logit of each row-aligned (image, text) pair [B] (with ``has_itm``)."""
         raise self._cannot("score image-text pairs")
 
+    def instructed(
+        self, image_tokens: torch.Tensor, instructions: Sequence[str], image_mask: torch.Tensor | None = None
+    ) -> BridgeOutput:
+        """Like ``forward``, with each image's instruction text read beside its tokens (with
+        ``reads_instructions``): the queries extract what the instruction asks about."""
+        from blipkit.errors import ConfigError
+
+        raise ConfigError(
+            f"bridge {type(self).__name__} cannot read instructions; use a Q-Former (bridge.name=qformer) for an "
+            "instruction-aware prefix"
+        )
+
     def _cannot(self, what: str) -> Exception:
         from blipkit.errors import BlipkitError
 
         return BlipkitError(f"bridge {type(self).__name__} cannot {what}; retrieval needs a bridge with image-text heads, such as a Q-Former trained with stage 1")
+
+    def export_state(self, layout: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The bridge's weights under another library's names and that library's config fields, for an
+        exporter (``blipkit export --to``); ``layout`` names the target ("transformers-blip2"). None (the
+        default) when the bridge has no such form."""
+        return None
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` into the directory ``path``."""
@@ -269,3 +290,28 @@ class Objective(abc.ABC):
     def prefix(self, model: VisionLanguageModel, image_tokens: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The LLM's visual prefix [B, Q, D_llm] for encoder tokens and their prompts, at inference."""
         return model.prefix(image_tokens)[0]
+
+
+class Exporter(abc.ABC):
+    """Writes a model in another library's format: ``blipkit export RUN --to NAME DIR``.
+
+    A plugin registers one through ``register_exporters`` as ``factory() -> Exporter``. The core checks
+    ``unsupported`` first (a model the format cannot hold is written in blipkit's own format instead, with
+    that reason shown), gives ``write`` an empty temporary directory that it renames into place when
+    complete, adds the model card (README.md) and pushes to a hub when asked.
+    """
+
+    #: The model card's ``library_name`` (the library that loads the directory).
+    library_name: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def unsupported(self, model: VisionLanguageModel) -> str | None:
+        """Why ``model`` cannot be written in this format (one line, naming the part), or None when it can."""
+
+    @abc.abstractmethod
+    def write(self, model: VisionLanguageModel, directory: Path, dtype: torch.dtype | None = None) -> None:
+        """Write ``model`` into the empty ``directory``, floating-point weights cast to ``dtype`` when given."""
+
+    @abc.abstractmethod
+    def usage(self, location: str) -> str:
+        """Markdown for the model card: how to load and run the directory or hub repository ``location``."""

@@ -41,11 +41,14 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "blipkit.plugins.bridges.qformer",
     "blipkit.plugins.bridges.projectors",
     "blipkit.plugins.objectives.language_modeling",
+    "blipkit.plugins.objectives.instruction_tuning",
     "blipkit.plugins.datasets.formats",
     "blipkit.plugins.datasets.llava",
     "blipkit.plugins.datasets.shapes",
     "blipkit.plugins.datasets.webdataset_format",
     "blipkit.plugins.checkpoints.blip2",
+    "blipkit.plugins.checkpoints.blip2_export",
+    "blipkit.plugins.checkpoints.instructblip",
     "blipkit.recipes",
 )
 
@@ -56,6 +59,7 @@ REGISTRY_HOOKS = {
     "datasets": ("register_datasets", "dataset"),
     "objectives": ("register_objectives", "objective"),
     "recipes": ("register_recipes", "recipe"),
+    "exporters": ("register_exporters", "export format"),
 }
 
 
@@ -77,6 +81,7 @@ class Registries:
     datasets: Registry
     objectives: Registry
     recipes: Registry
+    exporters: Registry
 
     def by_name(self, attr: str) -> Registry:
         """The registry called ``attr`` (``encoders``, ``llms``, ...)."""

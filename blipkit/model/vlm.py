@@ -71,11 +71,17 @@ class VisionLanguageModel(nn.Module):
             tokens = self.image_tokens(batch["pixel_values"])
         return tokens.to(self.device, torch.float32)
 
-    def prefix(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft visual prompts [B, Q, D_llm] and the weighted auxiliary loss of bridge and projection."""
+    def prefix(
+        self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None = None, instructions: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft visual prompts [B, Q, D_llm] and the weighted auxiliary loss of bridge and projection; with
+        ``instructions`` (one per image), the bridge reads them too (``Bridge.instructed``, InstructBLIP)."""
         if self.projection is None or self.llm is None:
             raise BlipkitError("this model has no language model (stage-1 only); run stage 2 to caption")
-        out = self.bridge(image_tokens, image_mask)
+        if instructions is None:
+            out = self.bridge(image_tokens, image_mask)
+        else:
+            out = self.bridge.instructed(image_tokens, instructions, image_mask)
         projected = self.projection(out.queries)
         aux = image_tokens.new_zeros(())
         for module, output in ((self.bridge, out), (self.projection, projected)):
@@ -116,12 +122,29 @@ class VisionLanguageModel(nn.Module):
     def generate_from_tokens(self, image_tokens: torch.Tensor, prompts: list[str], **generation: Any) -> list[str]:
         """Text after the visual prefix of precomputed encoder tokens [B, N, D] and each prompt."""
         was_training = self.training
-        self.eval()
+        if was_training:  # switching every submodule costs milliseconds a call; a model in eval mode needs none
+            self.eval()
         try:
-            prefix, _ = self.prefix(image_tokens.to(self.device, torch.float32))
+            image_tokens = image_tokens.to(self.device, torch.float32)
+            objective = self.inference_objective()
+            prefix = self.prefix(image_tokens)[0] if objective is None else objective.prefix(self, image_tokens, prompts)
             return self.llm.generate(prefix, prompts, **generation)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
+
+    def inference_objective(self) -> Objective | None:
+        """The objective of the recipe's last stage that trains through the language model, which builds the
+        prefix at inference (``lm``'s reads the image alone, ``instructblip``'s the prompt too); None when
+        no stage does."""
+        from blipkit.plugin_manager import registries
+
+        objectives = registries().objectives
+        for stage in reversed(self.recipe.stages):
+            objective = objectives.create(stage.objective, **stage.options)
+            if objective.uses_language_model:
+                return objective
+        return None
 
     def generation_defaults(self) -> dict[str, Any]:
         """The recipe's caption generation settings as keyword arguments."""

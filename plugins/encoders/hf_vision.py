@@ -1,5 +1,5 @@
 """transformers vision towers: ``hf:<repo id or local dir>`` for SigLIP, CLIP (vision-only or full models)
-and the vision tower of BLIP-2 checkpoints.
+and the vision tower of BLIP-2 (and InstructBLIP) checkpoints.
 
 Tokens come from a block's output before ``post_layernorm``. SigLIP and CLIP default to the penultimate
 block (``hidden_states[-2]``); BLIP-2 towers to their last block, because transformers' BLIP-2 checkpoints
@@ -32,6 +32,7 @@ MODEL_TYPES: dict[str, tuple[str, bool]] = {
     "clip_vision_model": ("clip", False),
     "clip": ("clip", True),
     "blip-2": ("blip2", True),
+    "instructblip": ("blip2", True),
 }
 # The block each family's tokens come from by default (see the module docstring).
 FAMILY_LAYER = {"siglip": -2, "clip": -2, "blip2": -1}

@@ -3,7 +3,8 @@
 ``hf:org/model`` loads a hub id (from the local cache when no hub is reachable), ``hf:/path/dir`` or a
 bare directory with a text model's ``config.json`` loads a local ``save_pretrained`` directory. The
 config's ``is_encoder_decoder`` picks the decoder-only or the encoder-decoder wrapper. A BLIP-2 checkpoint
-(Blip2ForConditionalGeneration, e.g. Salesforce/blip2-opt-2.7b) gives its language model alone, read
+(Blip2ForConditionalGeneration, e.g. Salesforce/blip2-opt-2.7b, or InstructBlipForConditionalGeneration)
+gives its language model alone, read
 from the ``language_model.*`` tensors of its safetensors files, with the checkpoint's tokenizer.
 """
 
@@ -56,9 +57,10 @@ def is_cached(repo_id: str, revision: str | None = None) -> bool:
 
 
 def _is_blip2_with_language_model(config: dict[str, Any]) -> bool:
-    """Whether a config.json's contents describe a Blip2ForConditionalGeneration model."""
+    """Whether a config.json's contents describe a Blip2ForConditionalGeneration (or InstructBLIP) model."""
     architectures = config.get("architectures") or []
-    return config.get("model_type") == "blip-2" and "Blip2ForConditionalGeneration" in architectures
+    kinds = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration"}
+    return kinds.get(config.get("model_type")) in architectures
 
 
 def looks_like_text_model_dir(path: str) -> bool:
@@ -159,7 +161,7 @@ def load_hf(
     options: dict[str, Any] = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
     try:
         config = AutoConfig.from_pretrained(where, **options)
-        if getattr(config, "model_type", "") == "blip-2":
+        if getattr(config, "model_type", "") in ("blip-2", "instructblip"):
             directory = local if is_local else _blip2_snapshot(label, source, revision)
             tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=bool(trust_remote_code))
             model = _blip2_language_model(directory, config, dtype)

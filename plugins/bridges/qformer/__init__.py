@@ -43,14 +43,15 @@ qformer.__signature__ = _factory_signature()  # type: ignore[attr-defined]
 
 
 def _from_pretrained(path: str) -> QFormer:
-    """Load a Q-Former saved with ``save_pretrained``, or import one from a transformers BLIP-2 directory."""
+    """Load a Q-Former saved with ``save_pretrained``, or import one from a transformers BLIP-2 or InstructBLIP
+    directory."""
     import json
     from pathlib import Path
 
     from .weights import from_transformers_blip2
 
     config = json.loads((Path(path) / "config.json").read_text())
-    if config.get("model_type") == "blip-2":
+    if config.get("model_type") in ("blip-2", "instructblip"):
         return from_transformers_blip2(path)
     return QFormer.from_pretrained(path)
 

@@ -116,7 +116,8 @@ _HF_TOP = {
 
 def map_transformers(state: State) -> tuple[State, list[str]]:
     """Map a transformers Blip2* state dict (Blip2Model, Blip2ForConditionalGeneration,
-    Blip2ForImageTextRetrieval, ...); returns (mapped, names left unmapped)."""
+    Blip2ForImageTextRetrieval, ...) or InstructBlipForConditionalGeneration's; returns (mapped, names left
+    unmapped)."""
     bert: State = {}
     mapped: State = {}
     unused: list[str] = []
@@ -130,6 +131,9 @@ def map_transformers(state: State) -> tuple[State, list[str]]:
             rest = rest.replace(".attention.attention.", ".attention.self.")
             rest = rest.replace(".crossattention.attention.", ".crossattention.self.")
             bert[rest] = tensor
+        elif name.startswith("qformer.embeddings.") and "position_ids" not in name:
+            # InstructBLIP's Q-Former embeds its instruction itself (BLIP-2's has no word embeddings).
+            bert[name[len("qformer.") :].replace(".layernorm.", ".LayerNorm.")] = tensor
         elif name.startswith("embeddings.") and "position_ids" not in name:
             bert[name] = tensor
         else:
@@ -138,3 +142,35 @@ def map_transformers(state: State) -> tuple[State, list[str]]:
     mapped.update(from_bert)
     unused += rest
     return mapped, unused
+
+
+_TO_HF_TOP = {
+    "query_tokens": "query_tokens",
+    "ln_vision.weight": "vision_model.post_layernorm.weight",
+    "ln_vision.bias": "vision_model.post_layernorm.bias",
+    "embeddings.norm.weight": "qformer.layernorm.weight",
+    "embeddings.norm.bias": "qformer.layernorm.bias",
+}
+# Query-branch modules only: Blip2ForConditionalGeneration's Q-Former has no text FFN.
+_TO_HF_LAYER = {
+    ours: theirs.replace("attention.self.", "attention.attention.")
+    for theirs, ours in _LAYER.items()
+    if not ours.startswith("ffn.")
+}
+_OUR_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def to_transformers_generation(state: State) -> State:
+    """Q-Former names -> Blip2ForConditionalGeneration's, the inverse of ``map_transformers`` for what that
+    model holds: queries, ln_vision (the vision tower's post_layernorm) and the query branch. The text
+    branch (word embeddings, text FFNs, LM head) and the stage-1 heads have no place there and are left out."""
+    mapped: State = {}
+    for name, tensor in state.items():
+        if name in _TO_HF_TOP:
+            mapped[_TO_HF_TOP[name]] = tensor
+            continue
+        match = _OUR_LAYER_RE.match(name)
+        if match and match.group(2) in _TO_HF_LAYER:
+            index, module, kind = match.groups()
+            mapped[f"qformer.encoder.layer.{index}.{_TO_HF_LAYER[module]}.{kind}"] = tensor
+    return mapped

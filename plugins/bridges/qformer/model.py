@@ -19,6 +19,7 @@ from blipkit.interfaces import Bridge, BridgeOutput
 from blipkit.io import atomic_path, load_safetensors, read_json
 
 from .init import MINILM, bert_state_for, build_tokenizer, init_bert_style, resolve_init
+from .keymap import to_transformers_generation
 from .layers import ImageBlock, KeyValue, QFormerLayer, additive_mask, real_rows
 
 TokenizedText = Mapping[str, torch.Tensor]
@@ -129,8 +130,11 @@ class QFormer(Bridge):
     """
 
     supports_retrieval = True
+    reads_instructions = True
     # BLIP-2 trains these fresh in every stage and they are not Linear layers, so LoRA cannot adapt them.
     lora_always_trainable = ("query_tokens", "ln_vision")
+    #: InstructBLIP's cap on the instruction's Q-Former tokens (LAVIS's max_txt_len), cut from the left.
+    instruction_max_length = 128
 
     def __init__(
         self,
@@ -311,6 +315,43 @@ class QFormer(Bridge):
             out = self.query_pass(kv, self.image_additive_mask(image_mask), output_attentions)
         return BridgeOutput(queries=out.hidden, attentions=out.attentions)
 
+    def instructed(
+        self,
+        image_tokens: torch.Tensor,
+        instructions: Sequence[str] | TokenizedText,
+        image_mask: torch.Tensor | None = None,
+    ) -> BridgeOutput:
+        """InstructBLIP's query outputs [B, Q, H] in fp32: the instruction's tokens join the queries in
+        self-attention (text through the text FFN), only the queries read the image, and only their
+        outputs are returned. ``instructions``: strings (``tokenize_instructions``) or a tokenized batch."""
+        if isinstance(instructions, Mapping):
+            tokens = self.as_tokenized(instructions)
+        else:
+            tokens = self.tokenize_instructions(instructions)
+        with fp32(image_tokens.device):
+            _, kv = self.project_image(image_tokens)
+            image = self.image_blocks(kv, self.image_additive_mask(image_mask))
+            hidden = self.pair_pass(tokens["input_ids"], tokens["attention_mask"], image, queries_only=True)
+        return BridgeOutput(queries=hidden)
+
+    def tokenize_instructions(self, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Instructions -> {input_ids, attention_mask} [B, T] as InstructBLIP tokenizes them for its Q-Former:
+        [CLS] text [SEP], padded to the longest, at most ``instruction_max_length`` tokens, a longer text
+        losing its start."""
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        side = self.tokenizer.truncation_side
+        self.tokenizer.truncation_side = "left"
+        try:
+            encoded = self.tokenizer(
+                list(instructions), padding="longest", truncation=True, max_length=self.instruction_max_length,
+                return_tensors="pt",
+            )
+        finally:
+            self.tokenizer.truncation_side = side
+        device = self.query_tokens.device
+        return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+
     def text_pass(
         self,
         input_ids: torch.Tensor,
@@ -438,6 +479,28 @@ class QFormer(Bridge):
         return self.itm_logits(image_tokens, text, image_mask)[:, 1]
 
     # ---- persistence ---------------------------------------------------------------------------------
+
+    def export_state(self, layout: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """For layout "transformers-blip2": the weights under Blip2ForConditionalGeneration's names (queries,
+        ``vision_model.post_layernorm`` = ln_vision, the query branch) and that config's fields
+        (``num_query_tokens``, ``qformer_config``, ``vision_layer_norm_eps``); None for other layouts."""
+        if layout != "transformers-blip2":
+            return None
+        config = self.config
+        qformer_config = {
+            "hidden_size": config["hidden_size"], "num_hidden_layers": config["num_layers"],
+            "num_attention_heads": config["num_heads"], "intermediate_size": config["intermediate_size"],
+            "hidden_act": "gelu", "hidden_dropout_prob": config["dropout"],
+            "attention_probs_dropout_prob": config["dropout"],
+            "max_position_embeddings": config["max_position_embeddings"], "layer_norm_eps": config["layer_norm_eps"],
+            "cross_attention_frequency": config["cross_attention_freq"], "encoder_hidden_size": self.input_dim,
+            "vocab_size": len(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        fields = {
+            "num_query_tokens": self.num_queries, "image_text_hidden_size": config["embed_dim"],
+            "qformer_config": qformer_config, "vision_layer_norm_eps": self.ln_vision.eps,
+        }
+        return to_transformers_generation(self.state_dict()), fields
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json, model.safetensors and the tokenizer files into ``path``."""

@@ -62,7 +62,8 @@ def from_transformers_blip2(
     model_or_dir: nn.Module | str | Path, tokenizer: str | None = None, dropout: float | None = None
 ) -> QFormer:
     """A Q-Former with the numbers of a transformers Blip2 model (Blip2Model,
-    Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, ...) or of its saved directory.
+    Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, ...) or InstructBlipForConditionalGeneration,
+    or of its saved directory.
 
     ``ln_vision`` takes the vision tower's ``post_layernorm``: in transformers' Blip2 checkpoints that
     LayerNorm is LAVIS's ln_vision. ``tokenizer`` defaults to the directory's own BERT tokenizer when it
@@ -79,7 +80,8 @@ def from_transformers_blip2(
         config = read_json(directory / "config.json")
         state = load_safetensors_prefixed(directory, _HF_WANTED)
         source = str(directory)
-        tokenizer = tokenizer or _bert_tokenizer_dir(directory)
+        # InstructBLIP's processor keeps the Q-Former's own tokenizer beside the LLM's.
+        tokenizer = tokenizer or _bert_tokenizer_dir(directory / "qformer_tokenizer") or _bert_tokenizer_dir(directory)
     if "qformer_config" not in config:
         raise ConfigError(f"{source} is not a BLIP-2 model (its config has no qformer_config)")
     qcfg, vcfg = _hf_config(config["qformer_config"]), _hf_config(config.get("vision_config") or {})
