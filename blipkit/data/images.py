@@ -67,9 +67,17 @@ def load_image(path: str | Path) -> Image.Image:
     return _decode(_open(path, str(path)), str(path))
 
 
-def load_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Decode an encoded image held in memory; ``name`` labels errors."""
-    return _decode(_open(io.BytesIO(data), name), name)
+def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = None) -> Image.Image:
+    """Decode an encoded image held in memory; ``name`` labels errors. ``max_pixels`` refuses, before
+    decoding, an image whose header claims more pixels (a tighter limit than PIL's own)."""
+    opener = _open(io.BytesIO(data), name)
+    if max_pixels is not None and opener.width * opener.height > max_pixels:
+        opener.close()
+        raise DataError(
+            f"{name}: image of {opener.width}x{opener.height} pixels is over the limit of {max_pixels:,}; "
+            "shrink it"
+        )
+    return _decode(opener, name)
 
 
 def _is_image(path: Path) -> bool:
