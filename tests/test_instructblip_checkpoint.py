@@ -5,27 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import blipkit
 from blipkit.plugins.checkpoints import instructblip as instructblip_plugin
 from blipkit.plugins.llms.tiny import build_tokenizer
+from test_blip2_checkpoint import _images, _randomised, _spy_generate
 
 NUM_QUERIES = 4
 IMAGE_SIZE = 32
 PROMPT = "Question: what colour is the shape? Short answer:"
 PROMPTS = ["A short image caption:", "Question: is there a red circle on the left? Short answer:"]
-
-
-def _randomised(model: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """Spread the weights so that tiny random models give varied, well-separated outputs."""
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * scale)
-    return model.eval()
 
 
 def _qformer_tokenizer() -> Any:
@@ -103,26 +94,6 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     model, processor = _save_instructblip(folder, request.param, seed=5)
     return {"family": request.param, "dir": folder, "model": model, "processor": processor,
             "loaded": blipkit.load(folder)}
-
-
-def _images(count: int) -> list[Image.Image]:
-    rng = np.random.default_rng(11)
-    return [
-        Image.fromarray(rng.integers(96 * i, 96 * i + 64, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(count)
-    ]
-
-
-def _spy_generate(model: Any) -> list[torch.Tensor]:
-    """Record the token ids that blipkit's language-model wrapper gets back from transformers' generate."""
-    calls: list[torch.Tensor] = []
-    original = model.llm._run_generate
-
-    def run(**inputs: Any) -> torch.Tensor:
-        calls.append(original(**inputs))
-        return calls[-1]
-
-    model.llm._run_generate = run
-    return calls
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS, [""] * 2], ids=["instructions", "empty"])

@@ -24,7 +24,7 @@ from blipkit.hookspecs import Register
 from blipkit.interfaces import Exporter
 from blipkit.io import load_safetensors_prefixed, read_json
 
-from .blip2 import locate
+from .blip2 import BLIP2
 
 if TYPE_CHECKING:
     from blipkit.model.vlm import VisionLanguageModel
@@ -47,7 +47,7 @@ def _vision_source(model: VisionLanguageModel) -> tuple[Path, dict[str, Any], in
     """(BLIP-2 checkpoint directory, its vision config cut to the encoder's blocks, block count), or why not."""
     name = model.recipe.encoder.name
     resolved = _registries().encoders.resolve(name)
-    located = locate(resolved.argument) if resolved.entry.name == "hf:" and resolved.argument else None
+    located = BLIP2.locate(resolved.argument) if resolved.entry.name == "hf:" and resolved.argument else None
     if located is None:
         return (
             f"its encoder '{name}' is not a BLIP-2 vision tower; Blip2ForConditionalGeneration holds one "
