@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from blipkit.errors import DataError, one_line
+
+if TYPE_CHECKING:
+    from blipkit.batch_inference import Question
 
 
 def _resolve_model(model: str | None) -> str:
@@ -29,7 +31,8 @@ class _Skips:
     def __call__(self, item: object, err: DataError) -> None:
         self.count += 1
         message = one_line(err)
-        click.echo(f"Skipped {message if message.startswith(str(item)) else f'{item}: {message}'}", err=True)
+        # print, not click.echo: a progress bar on stderr takes print's lines through itself, above the bar
+        print(f"Skipped {message if message.startswith(str(item)) else f'{item}: {message}'}", file=sys.stderr, flush=True)
 
     def finish(self, total: int, done: str) -> None:
         """Raise when anything was skipped: ``total`` inputs in all, ``done`` says what became of the others."""
@@ -50,22 +53,21 @@ def _image_paths(inputs: tuple[str, ...], skips: _Skips) -> list[Path]:
     return paths
 
 
-def _run_per_image(paths: list[Path], work: Any, quiet: bool, skips: _Skips) -> Iterator[tuple[Path, Any]]:
-    """Apply ``work`` to each image and yield its result; an unreadable one is passed to ``skips``, unless it
-    is the command's only input (then its error ends the command)."""
-    from rich.progress import track
+def _progress(label: str, total: int, quiet: bool) -> Any:
+    """A counting progress bar on stderr for more than one input, unless ``quiet``. It is shown only while
+    the results go to a file or pipe: on a terminal, the printed results already show the progress, and
+    lines written to stdout would cut through the bar."""
+    from blipkit.train.feedback import CountProgress
 
-    alone = len(paths) == 1 and not skips.count
-    show = not quiet and len(paths) > 1 and sys.stderr.isatty()
-    for path in track(paths, description="images", disable=not show, console=None):
-        try:
-            result = work(path)
-        except DataError as err:
-            if alone:
-                raise
-            skips(path, err)
-            continue
-        yield path, result
+    return CountProgress(label, total, quiet=quiet or total < 2 or sys.stdout.isatty())
+
+
+def _batch_size(unit: str) -> Any:
+    return click.option(
+        "--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True,
+        help=f"{unit} per forward pass: larger is faster (on a GPU especially) and needs more memory; beam search "
+        "and greedy decoding give the same results at any size.",
+    )
 
 
 @click.command()
@@ -78,17 +80,19 @@ def _run_per_image(paths: list[Path], work: Any, quiet: bool, skips: _Skips) -> 
 @click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=None, help="With --sample (default 1.0).")
 @click.option("--num-captions", "-n", type=click.IntRange(min=1), default=1, show_default=True, help="Captions per image.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Longest caption in tokens.")
+@_batch_size("Images")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per image: {image, caption} (or captions).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (shown when the results go to a file or pipe).")
 def caption(images: tuple[str, ...], model: str | None, prompt: str | None, beams: int | None, sample: bool,
             top_p: float | None, temperature: float | None, num_captions: int, max_new_tokens: int | None,
-            as_json: bool, quiet: bool) -> None:
+            batch_size: int, as_json: bool, quiet: bool) -> None:
     """Caption IMAGES (files, folders or globs) with a trained model.
 
     \b
     Beam search by default (BLIP-2's settings: 5 beams, repetition penalty 1.5); --sample draws
-    diverse captions with nucleus sampling:
+    diverse captions with nucleus sampling. Images go through the model --batch-size at a time:
       blipkit caption photos/ --model runs/default --json
+      blipkit caption 'shots/*.jpg' --batch-size 32 --beams 1
       blipkit caption cat.jpg --sample --top-p 0.9 -n 3
 
     \b
@@ -99,7 +103,7 @@ def caption(images: tuple[str, ...], model: str | None, prompt: str | None, beam
       2  a usage or configuration mistake
     """
     import blipkit
-    from blipkit.data.images import load_image
+    from blipkit.batch_inference import caption_files
 
     if (top_p is not None or temperature is not None) and not sample:
         raise click.UsageError("--top-p and --temperature go with --sample")
@@ -109,37 +113,96 @@ def caption(images: tuple[str, ...], model: str | None, prompt: str | None, beam
     paths = _image_paths(images, skips)
     total = len(paths) + skips.count
     vlm = blipkit.load(_resolve_model(model))
-    generation = {k: v for k, v in (("num_beams", beams), ("max_new_tokens", max_new_tokens), ("top_p", top_p),
-                                    ("temperature", temperature)) if v is not None}
+    generation: dict[str, Any] = {k: v for k, v in (("num_beams", beams), ("max_new_tokens", max_new_tokens),
+                                                    ("top_p", top_p), ("temperature", temperature)) if v is not None}
     if sample:
         generation["do_sample"] = True
-
-    def describe(path: Path) -> list[str]:
-        return vlm.caption([load_image(path)], prompt=prompt, num_captions=num_captions, **generation)
-
-    for path, texts in _run_per_image(paths, describe, quiet, skips):
-        if as_json:
-            field = {"caption": texts[0]} if num_captions == 1 else {"captions": texts}
-            click.echo(json.dumps({"image": str(path), **field}))
-        else:
-            for text in texts:
-                click.echo(f"{path}: {text}")
+    alone = len(paths) == 1 and not skips.count
+    with _progress("images", len(paths), quiet) as bar:
+        for path, texts in caption_files(vlm, paths, batch_size, prompt=prompt, num_captions=num_captions,
+                                         on_skip=None if alone else skips, progress=bar.advance, **generation):
+            if as_json:
+                field = {"caption": texts[0]} if num_captions == 1 else {"captions": texts}
+                click.echo(json.dumps({"image": str(path), **field}))
+            else:
+                for text in texts:
+                    click.echo(f"{path}: {text}")
     skips.finish(total, "every other image was captioned")
 
 
-@click.command()
-@click.argument("image")
-@click.argument("question")
-@click.option("--model", "-m", help="Run directory (default: the last 'blipkit train' run).")
-@click.option("--json", "as_json", is_flag=True, help="Print {image, question, answer} as JSON.")
-def ask(image: str, question: str, model: str | None, as_json: bool) -> None:
-    """Answer QUESTION about IMAGE with a trained model."""
-    import blipkit
-    from blipkit.data.images import load_image
+def _questions(
+    inputs: tuple[str, ...], question: str | None, questions_file: str | None, skips: _Skips
+) -> list[Question]:
+    """The questions to answer: QUESTION about each image that ``inputs`` name, or the rows of a JSONL file."""
+    from blipkit.batch_inference import Question, read_questions
 
+    if questions_file is not None:
+        if inputs or question is not None:
+            raise click.UsageError("give either IMAGE... QUESTION or --questions FILE, not both")
+        asked = read_questions(questions_file, on_skip=skips)
+        if not asked:
+            if skips.count:
+                skips.finish(skips.count, "")
+            raise DataError(f"{questions_file}: no questions in it; write one JSON object per line: "
+                            '{"image": "photo.jpg", "question": "what is it?"}')
+        return asked
+    if question is None or not inputs:
+        raise click.UsageError("give the images and then the question (blipkit ask photo.jpg 'what is it?'), "
+                               "or a file of questions (--questions FILE)")
+    return [Question(path, question) for path in _image_paths(inputs, skips)]
+
+
+@click.command()
+@click.argument("images", nargs=-1)
+@click.argument("question", required=False)
+@click.option("--questions", "questions_file", type=click.Path(dir_okay=False),
+              help='JSONL file, one {"image": ..., "question": ...} per line (relative images are in its folder; '
+              "other keys, such as an id, are copied to the --json output).")
+@click.option("--model", "-m", help="Run directory (default: the last 'blipkit train' run).")
+@click.option("--beams", type=click.IntRange(min=1), default=None, help="Beam width (default 5).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Longest answer in tokens (default 10).")
+@_batch_size("Questions")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per question: {image, question, answer}.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (shown when the results go to a file or pipe).")
+def ask(images: tuple[str, ...], question: str | None, questions_file: str | None, model: str | None,
+        beams: int | None, max_new_tokens: int | None, batch_size: int, as_json: bool, quiet: bool) -> None:
+    """Answer QUESTION about each of IMAGES (files, folders or globs), or every question of a --questions file.
+
+    \b
+    One image prints the answer alone; several print IMAGE: ANSWER lines (with the question, for a
+    --questions file). Questions go through the model --batch-size at a time:
+      blipkit ask cat.jpg "what colour is the cat?"
+      blipkit ask photos/ extra.png "how many people are there?" --json
+      blipkit ask --questions questions.jsonl --batch-size 32 --json > answers.jsonl
+
+    \b
+    Exit status:
+      0  every question was answered
+      1  some input was skipped (a missing path, an unreadable image, a bad line of the questions
+         file: each is named on stderr, and every other question is still answered), or an error
+         stopped the command
+      2  a usage or configuration mistake
+    """
+    import blipkit
+    from blipkit.batch_inference import answer_questions
+
+    skips = _Skips()
+    asked = _questions(images, question, questions_file, skips)
+    total = len(asked) + skips.count
     vlm = blipkit.load(_resolve_model(model))
-    answer = vlm.ask([load_image(image)], [question])[0]
-    click.echo(json.dumps({"image": image, "question": question, "answer": answer}) if as_json else answer)
+    generation = {k: v for k, v in (("num_beams", beams), ("max_new_tokens", max_new_tokens)) if v is not None}
+    alone = len(asked) == 1 and not skips.count and questions_file is None
+    with _progress("questions", len(asked), quiet) as bar:
+        for item, answer in answer_questions(vlm, asked, batch_size, on_skip=None if alone else skips,
+                                             progress=bar.advance, **generation):
+            if as_json:
+                click.echo(json.dumps({**item.fields, "image": str(item.image), "question": item.question,
+                                       "answer": answer}))
+            elif alone:
+                click.echo(answer)
+            else:
+                click.echo(f"{item.image}: {item.question} -> {answer}" if questions_file else f"{item.image}: {answer}")
+    skips.finish(total, "every other question was answered")
 
 
 @click.command()
@@ -200,7 +263,8 @@ def attention(image: str, model: str | None, out: str, per_query: bool) -> None:
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Where to write predictions and scores "
               "(default: RUN/eval-SPLIT).")
 @click.option("--beams", type=click.IntRange(min=1), help="Beam width (default: 5).")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", "-b", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images (or questions) per forward pass; results are the same at any size.")
 @click.option("--option", "options", multiple=True, help="Dataset option KEY=VALUE (repeatable), e.g. num_images=50.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -15,7 +15,7 @@ from blipkit.io import atomic_path, atomic_write_json
 if TYPE_CHECKING:
     from blipkit.model.vlm import VisionLanguageModel
 
-__all__ = ["EvalResult", "EvalRun", "evaluate", "evaluate_split", "write_results"]
+__all__ = ["EvalResult", "EvalRun", "evaluate", "evaluate_split", "progress_total", "write_results"]
 
 TASKS = ("caption", "vqa", "retrieval")
 
@@ -31,6 +31,23 @@ class EvalResult:
 
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _selected(dataset: Any, task: str, limit: int | None = None) -> list[int]:
+    """The indices of the records that ``task`` evaluates (the first ``limit``)."""
+    if task not in TASKS:
+        raise DataError(f"unknown evaluation task '{task}'; use one of: {', '.join(TASKS)}")
+    wanted = "caption" if task == "retrieval" else task
+    return [i for i, record in enumerate(dataset.records) if record.task == wanted][:limit]
+
+
+def progress_total(dataset: Any, task: str, limit: int | None = None) -> int:
+    """What ``evaluate`` counts through its ``progress`` callback: distinct images for captions and retrieval,
+    questions for VQA."""
+    indices = _selected(dataset, task, limit)
+    if task == "vqa":
+        return len(indices)
+    return len({dataset.records[i].image_id for i in indices})
 
 
 def evaluate(
@@ -51,10 +68,7 @@ def evaluate(
     VQA: one answer per question, scored with the official VQA accuracy. ``dataset`` may be a
     feature-cached view (its samples then carry encoder tokens instead of images).
     """
-    if task not in TASKS:
-        raise DataError(f"unknown evaluation task '{task}'; use one of: {', '.join(TASKS)}")
-    wanted = "caption" if task == "retrieval" else task
-    indices = [i for i, record in enumerate(dataset.records) if record.task == wanted][:limit]
+    indices = _selected(dataset, task, limit)
     if not indices:
         raise DataError(f"dataset '{dataset.name}' has no {task} samples to evaluate")
     if task == "caption":
@@ -244,7 +258,7 @@ def evaluate_split(
     run = Path(model) if model else last_run()
     vlm = load_model(run)
     dataset = cached_features(vlm, open_dataset(data, split, options or {}), quiet=quiet)
-    with CountProgress(f"{task} ({split})", len(dataset.records), quiet=quiet) as bar:
+    with CountProgress(f"{task} ({split})", progress_total(dataset, task), quiet=quiet) as bar:
         result = evaluate(vlm, dataset, task, batch_size=batch_size, generation=generation, progress=bar.advance)
     predictions, scores = write_results(result, Path(out) if out else run / f"eval-{split}")
     return EvalRun(result, predictions, scores, dict(dataset.skipped))

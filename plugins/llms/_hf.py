@@ -237,10 +237,15 @@ class _HFLanguageModel(LanguageModel):
         return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
+def _forward_parameters(model: Any) -> set[str]:
+    """The keyword arguments of the (peft-wrapped) model's own forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
 def _keeps_logits(model: Any) -> bool:
     """Whether the causal LM's forward takes ``logits_to_keep`` (a tensor of positions) as transformers' do."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in _forward_parameters(model)
 
 
 def _pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -343,12 +348,35 @@ class CausalLM(_HFLanguageModel):
             text = self.embed(torch.tensor(row, dtype=torch.long, device=self.device)).reshape(len(row), hidden)
             embeds.append(torch.cat([pad_embed.expand(missing, hidden), prefix[i], text.to(self.dtype)], dim=0))
             masks.append([0] * missing + [1] * (length + len(row)))
-        sequences = self._run_generate(
-            inputs_embeds=torch.stack(embeds),
-            attention_mask=torch.tensor(masks, dtype=torch.long, device=self.device),
-            **self._generation_kwargs(generation),
-        )
+        inputs = {
+            "inputs_embeds": torch.stack(embeds),
+            "attention_mask": torch.tensor(masks, dtype=torch.long, device=self.device),
+        }
+        options = self._generation_kwargs(generation)
+        sequences = self._run_generate(**inputs, **self._shared_cache(inputs, options), **options)
         return self._decode(sequences)
+
+    def _shared_cache(self, inputs: dict[str, torch.Tensor], options: dict[str, Any]) -> dict[str, Any]:
+        """The key/value cache of every input position but the last, computed once per row and repeated for
+        each beam (or returned sequence): generate would otherwise run the whole visual prefix and prompt
+        once per copy, most of a short beam search's work. Empty where the model's cache API is not
+        transformers' ``cache=`` with a DynamicCache."""
+        from transformers import DynamicCache
+
+        copies = max(int(options["num_beams"]), int(options["num_return_sequences"]))
+        embeds, mask = inputs["inputs_embeds"], inputs["attention_mask"]
+        accepts = _forward_parameters(self.model)
+        if copies == 1 or embeds.shape[1] < 2 or not {"cache", "position_ids"} <= accepts:
+            return {}
+        head = {"inputs_embeds": embeds[:, :-1], "attention_mask": mask[:, :-1], "use_cache": True,
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, :-1]}
+        if "logits_to_keep" in accepts:
+            head["logits_to_keep"] = 1
+        cache = getattr(self.model(**head), "cache", None)
+        if not isinstance(cache, DynamicCache):
+            return {}
+        cache.batch_repeat_interleave(copies)
+        return {"cache": cache}
 
 
 class Seq2SeqLM(_HFLanguageModel):
