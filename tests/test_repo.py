@@ -14,8 +14,9 @@ def _readme_commands() -> list[str]:
 
 def test_readme_starts_with_train_then_test_commands() -> None:
     first, second = _readme_commands()[:2]
-    assert first.startswith("bash scripts/setup.sh") and "blipkit train" in first and "blipkit caption" in first
-    assert first.index("blipkit train") < first.index("blipkit caption")
+    assert first.startswith("bash scripts/setup.sh") and "blipkit train" in first
+    captions = "blipkit shapes" if "--caption" in first else "blipkit caption"
+    assert captions in first and first.index("blipkit train") < first.index(captions)
     assert second.startswith("bash scripts/setup.sh") and "pytest" in second
 
 
