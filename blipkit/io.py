@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def atomic_directory(destination: str | Path, shared: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``destination``; when the block succeeds, fsync its files
+    and rename it into place (replacing what was there), else remove it. ``shared``: the files follow the
+    umask, as files meant for others do, instead of the atomic writers' private mode."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    old = tmp.with_name(tmp.name + ".old")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        if shared:
+            tmp.chmod(0o777 & ~umask)
+        for path in tmp.rglob("*"):
+            if shared:
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if destination.exists():
+            os.replace(destination, old)
+        os.replace(tmp, destination)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

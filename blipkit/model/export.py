@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from blipkit.errors import BlipkitError, ConfigError, one_line
-from blipkit.io import atomic_write_text
+from blipkit.io import atomic_directory, atomic_write_text
 from blipkit.model.model_card import model_card
 
 if TYPE_CHECKING:
@@ -90,33 +87,6 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-@contextmanager
-def _staged(destination: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``destination``; when the block succeeds, fsync its files
-    and rename it into place (replacing what was there), else remove it."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    old = tmp.with_name(tmp.name + ".old")
-    try:
-        yield tmp
-        for path in tmp.rglob("*"):
-            # Atomic writers create private files; an export is meant to be shared, so it follows the umask.
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if destination.exists():
-            os.replace(destination, old)
-        os.replace(tmp, destination)
-    finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-
-
 def _outside_parts(model: VisionLanguageModel) -> list[str]:
     """Notes for the frozen parts named by a local path: the export refers to them, it does not hold them."""
     notes = []
@@ -172,7 +142,7 @@ def export_model(
         result.fallback = exporter.unsupported(model)
         if result.fallback is not None:
             exporter, result.format = None, BLIPKIT_FORMAT
-    with _staged(destination) as tmp:
+    with atomic_directory(destination, shared=True) as tmp:
         if exporter is None:
             _write_blipkit(model, source, tmp)
             result.notes = _outside_parts(model)

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,7 +29,7 @@ from torch import nn
 
 from blipkit.errors import BlipkitError, ConfigError, DataError
 from blipkit.interfaces import Bridge
-from blipkit.io import atomic_write_json, load_safetensors, read_json, save_safetensors
+from blipkit.io import atomic_directory, atomic_write_json, load_safetensors, read_json, save_safetensors
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -202,26 +199,6 @@ def trainable_parameter_report(module: nn.Module) -> dict[str, int | float]:
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total if total else 0.0}
 
 
-@contextmanager
-def _atomic_dir(directory: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``directory``; on success fsync its files and swap it in."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    old = tmp.with_name(tmp.name + ".old")
-    try:
-        yield tmp
-        for path in tmp.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-    finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-
-
 # ---- language models --------------------------------------------------------------------------------
 
 
@@ -267,7 +244,7 @@ def save_llm_adapter(llm: Any, directory: str | Path) -> Path:
     config = model.peft_config[_ADAPTER]
     directory = Path(directory)
     state = get_peft_model_state_dict(model, adapter_name=_ADAPTER, save_embedding_layers=False)
-    with _atomic_dir(directory) as tmp:
+    with atomic_directory(directory) as tmp:
         save_safetensors(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         # As peft does: the saved config names the base model and says "inference".
         saved = copy.deepcopy(config)
