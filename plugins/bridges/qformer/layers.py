@@ -56,20 +56,27 @@ class Attention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def project_kv(self, states: torch.Tensor, norm: nn.LayerNorm | None = None) -> KeyValue:
+    def project_kv(
+        self, states: torch.Tensor, norm: nn.LayerNorm | None = None, offset: torch.Tensor | None = None
+    ) -> KeyValue:
         """Keys and values [B, heads, S, head_dim] of ``states`` [B, S, kv_dim]. With ``norm``, ``states``
-        are normalised but not yet scaled and shifted: ``norm``'s weight and bias apply on the way in."""
+        are normalised but not yet scaled and shifted: ``norm``'s weight and bias apply on the way in.
+        ``offset`` [S, kv_dim], when given, is added to every image's states after ``norm``."""
         if norm is None:
+            if offset is not None:
+                states = states + offset
             return self._heads(self.key(states)), self._heads(self.value(states))
         if type(self.key) is nn.Linear and type(self.value) is nn.Linear:
             # Folded into the projection weights, the affine needs no gradient w.r.t. the [B, S, kv_dim]
             # tokens in backward, only the weight gradients: a third of the largest matmuls' work saved.
+            # The offset is shared by the batch, so it is projected once.
             k, v = (
                 F.linear(states, lin.weight * norm.weight, lin.bias + lin.weight @ norm.bias)
+                + (0 if offset is None else F.linear(offset, lin.weight))
                 for lin in (self.key, self.value)
             )
             return self._heads(k), self._heads(v)
-        return self.project_kv(states * norm.weight + norm.bias)
+        return self.project_kv(states * norm.weight + norm.bias, offset=offset)
 
     def forward(
         self,

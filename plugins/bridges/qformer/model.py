@@ -101,13 +101,35 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.norm(torch.cat(parts, dim=1)))
 
 
-OBJECTIVES = ("itc", "itm", "itg")
-"""The stage-1 losses a Q-Former can train: contrastive, matching, image-grounded generation."""
+def grid_position_embedding(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """A 2-D sin-cos position embedding [rows * cols, dim], row-major: half the channels encode the row,
+    half the column, each as sines and cosines of geometrically spaced frequencies (MAE's)."""
+    if rows < 1 or cols < 1 or dim % 4:
+        raise ConfigError(
+            f"image_grid [{rows}, {cols}] over {dim}-wide tokens: the grid needs positive sides and the width a "
+            "multiple of 4"
+        )
+    quarter = dim // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def axis(length: int) -> torch.Tensor:
+        angles = torch.arange(length, dtype=torch.float64)[:, None] * frequencies
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    row = axis(rows)[:, None].expand(rows, cols, dim // 2)
+    col = axis(cols)[None, :].expand(rows, cols, dim // 2)
+    return torch.cat([row, col], dim=-1).reshape(rows * cols, dim).float()
+
+
+OBJECTIVES = ("itc", "itm", "itg", "spell")
+"""The stage-1 losses a Q-Former can train: BLIP-2's contrastive, matching and image-grounded generation,
+and blipkit's query spelling (query k names the caption's k-th word)."""
+BLIP2_OBJECTIVES = OBJECTIVES[:3]
 
 
 def _chosen(objectives: Sequence[str] | None) -> tuple[str, ...]:
-    """The stage-1 losses picked (all three when None), in BLIP-2's order; ConfigError for anything else."""
-    objectives = OBJECTIVES if objectives is None else objectives
+    """The stage-1 losses picked (BLIP-2's three when None), in ``OBJECTIVES``' order; ConfigError for anything else."""
+    objectives = BLIP2_OBJECTIVES if objectives is None else objectives
     if isinstance(objectives, str) or not objectives or set(objectives) - set(OBJECTIVES):
         raise ConfigError(
             f"objectives: expected a non-empty list drawn from {', '.join(OBJECTIVES)} (e.g. [itc, itg]), "
@@ -125,14 +147,18 @@ class QFormer(Bridge):
     ``tokenizer``: None (the init BERT's, or "minilm" for a random init), "minilm", "char", a directory
     or a hub id; [DEC] is added as bos. ``config`` records the final sizes with ``init=None``, so a
     saved Q-Former reloads without the BERT. ``objectives``: the stage-1 losses ``stage1_loss`` trains,
-    any of "itc", "itm", "itg" (None: all three, as BLIP-2); without "itm" the ITM head stays untrained
-    and ``itm_score`` refuses.
+    any of "itc", "itm", "itg" (None: these three, as BLIP-2) and "spell" (each query's output, through
+    the LM head, names the caption's word at its position, cycling over the caption: a prefix that the
+    lexical warm start can map word for word); without "itm" the ITM head stays untrained and
+    ``itm_score`` refuses. ``image_grid`` [rows, cols]: the encoder's patch tokens form this grid (after
+    at most one CLS token), and a trained 2-D position embedding, started as sin-cos, is added to them after
+    ln_vision (None: none, as BLIP-2, whose ViT tokens already carry position).
     """
 
     supports_retrieval = True
     reads_instructions = True
     # BLIP-2 trains these fresh in every stage and they are not Linear layers, so LoRA cannot adapt them.
-    lora_always_trainable = ("query_tokens", "ln_vision")
+    lora_always_trainable = ("query_tokens", "ln_vision", "image_position")
     #: InstructBLIP's cap on the instruction's Q-Former tokens (LAVIS's max_txt_len), cut from the left.
     instruction_max_length = 128
 
@@ -153,9 +179,13 @@ class QFormer(Bridge):
         layer_norm_eps: float = 1e-12,
         vision_norm_eps: float = 1e-5,
         objectives: Sequence[str] | None = None,
+        image_grid: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.objectives = _chosen(objectives)
+        if image_grid is not None and (isinstance(image_grid, str) or len(image_grid) != 2):
+            raise ConfigError(f"image_grid: expected [rows, cols] of the encoder's patch tokens (e.g. [7, 7]), got {image_grid!r}")
+        self.image_grid = None if image_grid is None else (int(image_grid[0]), int(image_grid[1]))
         if cross_attention_freq < 1:
             raise ConfigError(f"cross_attention_freq must be >= 1, got {cross_attention_freq}")
         source = resolve_init(init)
@@ -178,10 +208,13 @@ class QFormer(Bridge):
             "input_dim": input_dim, "num_queries": num_queries, **sizes,
             "cross_attention_freq": cross_attention_freq, "dropout": dropout, "init": None, "tokenizer": tokenizer,
             "embed_dim": embed_dim, "vision_norm_eps": vision_norm_eps, "objectives": list(self.objectives),
+            "image_grid": None if self.image_grid is None else list(self.image_grid),
         }
         self._build(cross_attention_freq, dropout, embed_dim, vision_norm_eps, **sizes)
         init_bert_style(self)
         nn.init.normal_(self.query_tokens, std=0.02)
+        if self.image_grid is not None:
+            self.image_position = nn.Parameter(grid_position_embedding(*self.image_grid, input_dim))
         if source is not None:
             result = self.load_state_dict(bert_state_for(source, len(self.tokenizer), self.state_dict()), strict=False)
             new_parts = (".cross_attn.", ".ffn_query.")
@@ -273,11 +306,27 @@ class QFormer(Bridge):
         return normed, self.project_normed(normed)
 
     def project_normed(self, normed: torch.Tensor) -> list[KeyValue | None]:
-        """Every cross-attention layer's keys/values for ln_vision applied to ``normed`` (from ``project_image``)."""
+        """Every cross-attention layer's keys/values for ln_vision applied to ``normed`` (from ``project_image``),
+        with the image position embedding added when there is one."""
+        offset = self.image_offset(normed.shape[1])
         return [
-            None if layer.cross_attn is None else layer.cross_attn.project_kv(normed, self.ln_vision)
+            None if layer.cross_attn is None else layer.cross_attn.project_kv(normed, self.ln_vision, offset)
             for layer in self.layers
         ]
+
+    def image_offset(self, num_tokens: int) -> torch.Tensor | None:
+        """What ``image_grid``'s position embedding adds to each of ``num_tokens`` encoder tokens
+        [num_tokens, input_dim] (zero for a leading CLS token), or None without a grid."""
+        if self.image_grid is None:
+            return None
+        rows, cols = self.image_grid
+        cells = rows * cols
+        if num_tokens not in (cells, cells + 1):
+            raise ConfigError(
+                f"bridge.options.image_grid is [{rows}, {cols}] ({cells} patch tokens) but the encoder gives "
+                f"{num_tokens} tokens; set it to the encoder's patch grid (`blipkit encoders NAME` describes it)"
+            )
+        return F.pad(self.image_position, (0, 0, num_tokens - cells, 0))
 
     @staticmethod
     def image_additive_mask(image_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -483,8 +532,9 @@ class QFormer(Bridge):
     def export_state(self, layout: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """For layout "transformers-blip2": the weights under Blip2ForConditionalGeneration's names (queries,
         ``vision_model.post_layernorm`` = ln_vision, the query branch) and that config's fields
-        (``num_query_tokens``, ``qformer_config``, ``vision_layer_norm_eps``); None for other layouts."""
-        if layout != "transformers-blip2":
+        (``num_query_tokens``, ``qformer_config``, ``vision_layer_norm_eps``); None for other layouts, and for a
+        Q-Former with an ``image_grid`` position embedding, which transformers' Blip2 has no place for."""
+        if layout != "transformers-blip2" or self.image_grid is not None:
             return None
         config = self.config
         qformer_config = {
