@@ -293,6 +293,27 @@ def test_chosen_objectives_train_alone_and_equal_the_full_losses(chosen: tuple[s
                 assert (param.grad is not None) == (objective in chosen), name
 
 
+def test_spelling_loss_equals_a_direct_recomputation_in_float64() -> None:
+    model = tiny(dropout=0.0, objectives=["spell"]).eval().double()
+    image_tokens = torch.randn(3, 7, 24, dtype=torch.float64)
+    texts = ["ab c", "a caption longer than the four queries", ""]
+    losses = stage1_loss(model, image_tokens, texts)
+    tokens = model.tokenize(texts)
+    with torch.no_grad():
+        queries = model(image_tokens).queries
+        terms = []
+        for row in range(len(texts)):
+            words = tokens["input_ids"][row][tokens["attention_mask"][row].bool()].tolist()[1:-1]
+            for k in range(model.num_queries):
+                if words:
+                    logits = model.lm_head(queries[row, k], model.embeddings.word.weight)
+                    terms.append(-torch.log_softmax(logits, dim=-1)[words[k % len(words)]])
+    assert set(losses) == {"loss", "spell"} and model.objectives == ("spell",)
+    assert torch.allclose(losses["spell"].detach(), torch.stack(terms).mean(), atol=1e-10)
+    losses["loss"].backward()
+    assert model.query_tokens.grad.abs().sum() > 0 and model.vision_proj.weight.grad is None
+
+
 @pytest.mark.parametrize("bad", [[], "itc", ["itc", "mlm"]])
 def test_unknown_or_empty_objectives_are_refused(bad) -> None:
     with pytest.raises(ConfigError, match="objectives: expected a non-empty list drawn from itc, itm, itg"):

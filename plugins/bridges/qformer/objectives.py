@@ -246,6 +246,20 @@ def _itg(model: QFormer, queries: QueryPass, texts: Texts, split: Split) -> torc
     return loss * token_share * (split.total / split.sizes[split.rank])
 
 
+def _spell(model: QFormer, queries: QueryPass, texts: Texts) -> torch.Tensor:
+    """The spelling loss: query k's output, through the LM head, predicts word token ``k mod T`` of its
+    caption (T real tokens between [CLS] and [SEP]); the mean over this rank's rows, each with one target
+    per query (captions with no word are left out)."""
+    ids, mask, _ = texts.mine()
+    words = mask.sum(dim=1) - 2
+    positions = 1 + torch.arange(model.num_queries, device=ids.device)[None] % words.clamp_min(1)[:, None]
+    targets = ids.gather(1, positions).masked_fill((words < 1)[:, None], -100)
+    logits = model.lm_head(queries.hidden, model.embeddings.word.weight)
+    if not bool((targets != -100).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
 def stage1_losses(
     model: QFormer,
     image_tokens: torch.Tensor,
@@ -253,7 +267,7 @@ def stage1_losses(
     image_mask: torch.Tensor | None = None,
     image_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The sum of ``model.objectives`` (ITC, ITM, ITG) on one batch of encoder tokens and tokenized captions
+    """The sum of ``model.objectives`` (ITC, ITM, ITG, spelling) on one batch of encoder tokens and tokenized captions
     (row-aligned), with each loss alone and ITM's accuracy when ITM is one of them."""
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     if ids.shape[0] != image_tokens.shape[0]:
@@ -281,6 +295,8 @@ def stage1_losses(
             losses["itm"], metrics["itm_acc"] = _itm(model, image, queries, image_keep, texts, *sims, positives, split)
     if "itg" in wanted:
         losses["itg"] = _itg(model, queries, texts, split)
+    if "spell" in wanted:
+        losses["spell"] = _spell(model, queries, texts)
     return {"loss": sum(losses.values()), **losses, **metrics}
 
 
