@@ -282,6 +282,10 @@ class Objective(abc.ABC):
         accumulated micro-batches are weighted by it, so that they compute one pass's gradient."""
         return int(batch["size"])
 
+    def check(self, stage: StageConfig, recipe: Recipe) -> None:
+        """Refuse, with a one-line ConfigError, stage settings this objective cannot train with; runs when the
+        recipe is validated, before anything loads."""
+
     def prepare(self, model: VisionLanguageModel, data: Any, recipe: Recipe, stage: StageConfig, quiet: bool) -> Any:
         """Work before a fresh stage's first step (not on resume), e.g. a warm start; returns what the
         run should report, or None."""

@@ -70,6 +70,7 @@ def validate_recipe(recipe: Recipe) -> None:
             )
         if stage.projection_init:
             _check_projection_fit(stage, objective, recipe.projection.name, regs)
+        objective.check(stage, recipe)
     for split_key in ("train", "validation"):
         dataset: DatasetConfig | None = getattr(recipe.data, split_key)
         if dataset is None:

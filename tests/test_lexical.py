@@ -14,7 +14,7 @@ from blipkit.data.collate import Collator, LanguageModelText
 from blipkit.errors import ConfigError, DataError
 from blipkit.model.build import add_language_model, build_model
 from blipkit.plugins.bridges.projectors import LinearProjector, MLPProjector
-from blipkit.train.lexical import lexical_init, spelled_targets
+from blipkit.train.lexical import lexical_init, reading_samples, spelled_targets, teach_reading
 from blipkit.data.dataset import open_dataset
 from blipkit.features import cached_features
 from blipkit.train.runner import train
@@ -141,3 +141,50 @@ def test_a_dataset_without_captions_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match="has none"):
         lexical_init(model, questions, recipe, quiet=True)
+
+
+def test_reading_samples_pair_each_sample_with_its_images_caption() -> None:
+    dataset = open_dataset("shapes", "train", {"num_images": 6, "image_size": 32})
+    samples = reading_samples(dataset, ["caption", "vqa"], "A picture of", "Q: {} A:".format)
+    captions = {r.image_id: r.text for r in dataset.records if r.task == "caption"}
+    assert len(samples) == len(dataset.records) > len(captions)
+    for (caption, prompt, target), record in zip(samples, dataset.records, strict=True):
+        assert caption == captions[record.image_id] and target == record.text
+        assert prompt == ("A picture of" if record.task == "caption" else f"Q: {record.question} A:")
+    assert len(reading_samples(dataset, ["vqa"], "", "{}".format)) == len(dataset.records) - len(captions)
+    questions = open_dataset("shapes", "train", {"num_images": 6, "image_size": 32, "tasks": "vqa"})
+    with pytest.raises(DataError, match="no training sample has an image with a caption"):
+        reading_samples(questions, ["vqa"], "", "{}".format)
+
+
+def test_reading_warmup_trains_only_the_adapters_and_lowers_their_loss(tmp_path: Path) -> None:
+    recipe, model, dataset = _tiny(tmp_path, "llm.lora={r: 4, alpha: 8}")
+    before = {name: p.detach().clone() for name, p in model.llm.named_parameters()}
+    trainable = {name for name, p in model.llm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in name for name in trainable)
+    report = teach_reading(model, dataset, recipe, ["caption", "vqa"], 4, steps=30, lr=1e-2, batch_size=8, quiet=True)
+    assert report.steps == 30 and report.samples == len(dataset.records)
+    assert report.last_loss < 0.8 * report.first_loss
+    for name, p in model.llm.named_parameters():
+        assert torch.equal(p, before[name]) == (name not in trainable), name
+    assert "30 steps" in str(report)
+
+
+def test_reading_warmup_runs_before_stage_2_and_is_refused_without_its_prerequisites(tmp_path: Path) -> None:
+    overrides = ["stage2.projection_init=lexical", "llm.lora={r: 4, alpha: 8}", "stage2.options.reading_steps=3"]
+    recipe = load_recipe("tiny", overrides)
+    validate_recipe(recipe)
+    result = train(recipe, output=tmp_path / "run", quiet=True)
+    report = str(result.prepared["stage2"])
+    assert result.completed and result.projection_fit is not None
+    assert "projection fitted" in report and "LLM adapters taught to read spelled captions: 3 steps" in report
+    for dropped, message in (
+        ("stage2.projection_init=lexical", "set stage2.projection_init: lexical"),
+        ("llm.lora={r: 4, alpha: 8}", "add llm.lora"),
+    ):
+        with pytest.raises(ConfigError, match=message) as caught:
+            validate_recipe(load_recipe("tiny", [o for o in overrides if o != dropped]))
+        assert "\n" not in str(caught.value)
+    for bad in ("-1", "1.5", "true"):
+        with pytest.raises(ConfigError, match="reading_steps"):
+            validate_recipe(load_recipe("tiny", [*overrides[:2], f"stage2.options.reading_steps={bad}"]))

@@ -5,6 +5,12 @@ an image maps to the LLM's input embedding of token ``k mod T`` of that image's 
 length). The prefix then reads, approximately, as the caption spelled out once or more in tokens the
 LLM knows, and the LLM's own habit of repeating what came before turns it into a caption before any
 step of training. Stage 2 starts from there instead of from a prefix the LLM has never seen.
+
+The reading warm-up (``teach_reading``) is its other half: a few steps that train the LLM's LoRA adapters
+on prefixes that are the spelled captions themselves, to say the caption and to answer the image's
+questions from it. Trained on the visual prefix alone, whose spelling is approximate, the adapters
+answer every question about the first-named object; on exact spellings they learn to look the asked
+object up, and keep doing so on the visual prefix.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from blipkit.errors import ConfigError, DataError
 from blipkit.model.vlm import VisionLanguageModel
 from blipkit.train.feedback import CountProgress
 
-__all__ = ["LexicalFit", "lexical_init", "spelled_targets"]
+__all__ = ["LexicalFit", "ReadingWarmup", "lexical_init", "reading_samples", "spelled_targets", "teach_reading"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +40,27 @@ class LexicalFit:
     samples: int
     features: int
     r2: float
+    prefix_length: int = 0
 
     def __str__(self) -> str:
         return f"projection fitted to spell {self.samples} captions (lexical init, R2 {self.r2:.3f})"
+
+
+@dataclass
+class ReadingWarmup:
+    """What the reading warm-up did: its steps, the samples it drew from, and its loss at the start and end
+    (each the mean of its first and last tenth of steps)."""
+
+    steps: int
+    samples: int
+    first_loss: float
+    last_loss: float
+
+    def __str__(self) -> str:
+        return (
+            f"LLM adapters taught to read spelled captions: {self.steps} steps over {self.samples} samples "
+            f"(loss {self.first_loss:.3f} -> {self.last_loss:.3f})"
+        )
 
 
 def spelled_targets(embeddings: torch.Tensor, labels: torch.Tensor, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,4 +191,76 @@ def lexical_init(
     weight, r2 = sums.solve(ridge)
     projection.set_readout(weight.to(next(projection.parameters()).dtype))
     logger.info("lexical projection init: %d captions, %d features, R2 %.3f", sums.used, weight.shape[0], r2)
-    return LexicalFit(samples=sums.used, features=weight.shape[0], r2=r2)
+    return LexicalFit(samples=sums.used, features=weight.shape[0], r2=r2, prefix_length=int(features.shape[1]))
+
+
+def reading_samples(dataset: Any, tasks: list[str], caption_prompt: str, vqa_prompt: Any) -> list[tuple[str, str, str]]:
+    """(caption, prompt, target) for every sample of ``tasks`` whose image has a caption: the image's first
+    caption, the sample's LLM prompt, and its target text. DataError when there are none."""
+    captions: dict[str, str] = {}
+    for record in dataset.records:
+        if record.task == "caption" and record.image_id and record.text:
+            captions.setdefault(record.image_id, record.text)
+    samples = [
+        (captions[r.image_id], vqa_prompt(r.question or "") if r.task == "vqa" else caption_prompt, r.text)
+        for r in dataset.records
+        if r.task in tasks and r.image_id in captions and r.text
+    ]
+    if not samples:
+        raise DataError(
+            "reading_steps teaches the LLM to answer from each image's caption, and no training sample has an "
+            "image with a caption (image_id shared with a caption sample); remove the option"
+        )
+    return samples
+
+
+def teach_reading(
+    model: VisionLanguageModel,
+    dataset: Any,
+    recipe: Recipe,
+    tasks: list[str],
+    prefix_length: int,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    quiet: bool = False,
+) -> ReadingWarmup:
+    """Train the LLM's trainable (LoRA) parameters for ``steps`` steps on prefixes that spell each sample's
+    image caption over ``prefix_length`` positions, with the sample's prompt and target (AdamW at ``lr``,
+    a tenth of the steps of linear warmup, then linear decay; samples drawn with the recipe's seed)."""
+    llm = model.llm
+    parameters = [p for p in llm.parameters() if p.requires_grad] if llm is not None else []
+    if not parameters:
+        raise ConfigError("reading_steps trains the LLM's LoRA adapters, and the LLM has none; add llm.lora or remove the option")
+    samples = reading_samples(dataset, tasks, recipe.data.caption_prompt, model.vqa_prompt)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1.0 - step / steps)
+    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    losses: list[float] = []
+    was_training = llm.training
+    llm.train()
+    try:
+        with CountProgress("teaching the LLM to read spelled captions", steps, quiet=quiet) as bar:
+            for _ in range(steps):
+                chunk = [samples[i] for i in torch.randint(len(samples), (batch_size,), generator=generator).tolist()]
+                spelled = llm.tokenize([recipe.data.caption_prompt] * len(chunk), [c for c, _, _ in chunk])
+                with torch.no_grad():
+                    prefix, _ = spelled_targets(llm.embed(spelled.labels.clamp_min(0)), spelled.labels, prefix_length)
+                batch = llm.tokenize([prompt for _, prompt, _ in chunk], [target for _, _, target in chunk])
+                loss = llm.loss(prefix.to(model.device), batch.to(model.device))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.advance(1)
+    finally:
+        llm.train(was_training)
+    tenth = max(1, steps // 10)
+    first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+    logger.info("reading warm-up: %d steps, loss %.3f -> %.3f", steps, first, last)
+    return ReadingWarmup(steps=steps, samples=len(samples), first_loss=first, last_loss=last)
