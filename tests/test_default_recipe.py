@@ -23,14 +23,16 @@ CHANCE_COLOUR_AND_SHAPE = 1 / 18
 
 SHORTENED = [
     "data.train.options={num_images: 256}",
-    "stage1.steps=20",
-    "stage1.warmup_steps=2",
+    "stage1.steps=40",
+    "stage1.warmup_steps=4",
     "stage2.steps=30",
     "stage2.warmup_steps=3",
     "stage2.tasks=[caption]",
     "stage2.task_weights=null",
+    "stage2.options={reading_steps: 10}",
 ]
-"""20 + 30 steps (the default has 160 + 90), a fifth of its images, and captions alone in stage 2."""
+"""40 + 30 steps and 10 reading steps (the default has 720 + 150 and 60), a ninth of its images, and
+captions alone in stage 2."""
 
 TEST_IMAGES = {"num_images": 60, "single_fraction": 1.0, "tasks": "caption"}
 """60 single-shape pictures of the test split: enough for p < 1e-6 against guessing at a quarter right."""
