@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from blipkit.errors import ConfigError
+from blipkit.model import lora
 from blipkit.plugins.bridges.qformer.model import QFormer, grid_position_embedding
 
 SIZES = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, max_position_embeddings=64)
@@ -94,3 +95,11 @@ def test_encoder_token_count_must_match_the_grid():
 def test_no_blip2_layout_with_a_position_embedding():
     assert tiny().export_state("transformers-blip2") is not None
     assert tiny(image_grid=[2, 3]).export_state("transformers-blip2") is None
+
+
+def test_position_embedding_keeps_training_under_bridge_lora():
+    model = tiny(image_grid=[2, 3])
+    lora.apply_bridge_lora(model, lora.LoraSettings(r=2))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "image_position" in trainable and "query_tokens" in trainable
+    assert all("lora_" in name or name in ("image_position", "query_tokens") or name.startswith("ln_vision.") for name in trainable)

@@ -306,7 +306,8 @@ def test_bridge_lora_trains_only_adapters_and_always_trainable() -> None:
     before = _queries(bridge, tokens)
     lora.apply_bridge_lora(bridge, SETTINGS)
     assert bridge.lora_settings["target_modules"] == lora.default_bridge_targets(_qformer())
-    assert bridge.lora_settings["always_trainable"] == ["query_tokens", "ln_vision"] == list(type(bridge).lora_always_trainable)
+    assert bridge.lora_settings["always_trainable"] == ["query_tokens", "ln_vision", "image_position"]
+    assert bridge.lora_settings["always_trainable"] == list(type(bridge).lora_always_trainable)
 
     trainable = {n for n, p in bridge.named_parameters() if p.requires_grad}
     always = {"query_tokens", "ln_vision.weight", "ln_vision.bias"}
