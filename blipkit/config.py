@@ -445,19 +445,25 @@ def _parse_value(text: str) -> Any:
     return value
 
 
-def _list_item(node: list[Any], key: str) -> Any:
-    """The element of a list (``stages``) that ``key`` names: its index, or the ``name`` it has."""
+def _list_index(node: list[Any], key: str) -> int:
+    """The position in a list (``stages``) of the element that ``key`` names: its index, or the ``name`` it has."""
     if key.isdigit() and int(key) < len(node):
-        return node[int(key)]
-    named = [item for item in node if isinstance(item, dict) and item.get("name") == key]
+        return int(key)
+    named = [i for i, item in enumerate(node) if isinstance(item, dict) and item.get("name") == key]
     if not named:
         raise ConfigError(f"override: no element '{key}' in a list of {len(node)}; use its index (0, 1, ...) or its name")
     return named[0]
 
 
+def _list_item(node: list[Any], key: str) -> Any:
+    """The element of a list (``stages``) that ``key`` names."""
+    return node[_list_index(node, key)]
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` (YAML-typed value) and ``~a.b`` (remove) overrides to a recipe dict; in a list
-    such as ``stages``, an element is named by its index or its ``name`` (``stages.0.steps=10``)."""
+    such as ``stages``, an element is named by its index or its ``name`` (``stages.0.steps=10``,
+    ``~stages.stage1``)."""
     data = copy.deepcopy(data)
     for override in overrides:
         if override.startswith("~"):
@@ -469,6 +475,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     break
             if isinstance(node, dict):
                 node.pop(keys[-1], None)
+            elif isinstance(node, list):
+                del node[_list_index(node, keys[-1])]
             continue
         key_path, sep, raw = override.partition("=")
         if not sep or not key_path:

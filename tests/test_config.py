@@ -52,6 +52,17 @@ def test_overrides_set_remove_and_type() -> None:
     assert shorthand.bridge.name == "mlp" and shorthand.bridge.options == {"num_tokens": 8}
 
 
+def test_removing_a_listed_stage_by_index_or_name() -> None:
+    data = {"stages": [{"name": "warm", "steps": 1}, {"name": "main", "steps": 2}, {"name": "tail", "steps": 3}]}
+    assert apply_overrides(data, ["~stages.1"])["stages"] == [data["stages"][0], data["stages"][2]]
+    assert apply_overrides(data, ["~stages.tail", "~stages.0"])["stages"] == [data["stages"][1]]
+    assert len(data["stages"]) == 3, "overrides must not change their input"
+    with pytest.raises(ConfigError, match="no element 'later' in a list of 3"):
+        apply_overrides(data, ["~stages.later"])
+    recipe = load_recipe("instructblip-tiny", ["~stages.stage1"])
+    assert [stage.name for stage in recipe.stages] == ["instruct"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
