@@ -33,20 +33,6 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LexicalFit:
-    """What the fit used and how well it fits: ``r2`` is the share of the target embeddings' variance
-    (about their mean) that the fitted prefix explains on the fitting samples."""
-
-    samples: int
-    features: int
-    r2: float
-    prefix_length: int = 0
-
-    def __str__(self) -> str:
-        return f"projection fitted to spell {self.samples} captions (lexical init, R2 {self.r2:.3f})"
-
-
-@dataclass
 class ReadingWarmup:
     """What the reading warm-up did: its steps, the samples it drew from, and its loss at the start and end
     (each the mean of its first and last tenth of steps)."""
@@ -61,6 +47,23 @@ class ReadingWarmup:
             f"LLM adapters taught to read spelled captions: {self.steps} steps over {self.samples} samples "
             f"(loss {self.first_loss:.3f} -> {self.last_loss:.3f})"
         )
+
+
+@dataclass
+class LexicalFit:
+    """What the fit used and how well it fits: ``r2`` is the share of the target embeddings' variance
+    (about their mean) that the fitted prefix explains on the fitting samples; ``reading``, the reading
+    warm-up that followed it, if one did."""
+
+    samples: int
+    features: int
+    r2: float
+    prefix_length: int = 0
+    reading: ReadingWarmup | None = None
+
+    def __str__(self) -> str:
+        fitted = f"projection fitted to spell {self.samples} captions (lexical init, R2 {self.r2:.3f})"
+        return fitted if self.reading is None else f"{fitted}\n{self.reading}"
 
 
 def spelled_targets(embeddings: torch.Tensor, labels: torch.Tensor, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,9 +77,8 @@ class TrainResult:
 
     @property
     def projection_fit(self) -> LexicalFit | None:
-        """The lexical warm start's fit, when a stage ran one (alone, or as the ``fit`` of a larger report)."""
-        fits = (getattr(report, "fit", report) for report in self.prepared.values())
-        return next((fit for fit in fits if isinstance(fit, LexicalFit)), None)
+        """The lexical warm start's fit, when a stage ran one."""
+        return next((report for report in self.prepared.values() if isinstance(report, LexicalFit)), None)
 
 
 def run_dir_for(recipe: Recipe, output: str | Path | None) -> Path:

@@ -10,7 +10,6 @@ recipe's VQA template), never on the prefix or the prompt. Before a fresh stage,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,18 +22,7 @@ from blipkit.errors import ConfigError
 from blipkit.hookspecs import Register
 from blipkit.interfaces import Objective
 from blipkit.model.vlm import VisionLanguageModel
-from blipkit.train.lexical import LexicalFit, ReadingWarmup, lexical_init, teach_reading
-
-
-@dataclass
-class Prepared:
-    """What a stage's warm starts did: the projection's lexical fit and the adapters' reading warm-up."""
-
-    fit: LexicalFit
-    reading: ReadingWarmup
-
-    def __str__(self) -> str:
-        return f"{self.fit}\n{self.reading}"
+from blipkit.train.lexical import lexical_init, teach_reading
 
 
 class LanguageModeling(Objective):
@@ -97,10 +85,10 @@ class LanguageModeling(Objective):
         if not self.reading_steps:
             return fit
         batch_size = stage.batch_size or recipe.data.batch_size
-        reading = teach_reading(
+        fit.reading = teach_reading(
             model, data, recipe, stage.tasks, fit.prefix_length, self.reading_steps, self.reading_lr, batch_size, quiet
         )
-        return Prepared(fit, reading)
+        return fit
 
 
 @hookimpl
